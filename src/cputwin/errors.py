@@ -1,0 +1,39 @@
+"""The one exception hierarchy of cputwin.
+
+    CputwinError                 base: the CLI catches it once, prints one line, exits 2
+    ├── DataError                telemetry that cannot be used (file, column, value problems)
+    ├── FeatureError             a feature spec that cannot be built for the given data
+    ├── ModelError               a model used before fit, or fed a frame it was not trained for
+    ├── ArtifactError            a twin file that is truncated, edited or not a twin at all
+    └── WorkloadError            a workload that died while telemetry was being collected
+
+Every message is a single line that names what was wrong and where.
+"""
+
+
+class CputwinError(Exception):
+    """Base class for every error cputwin raises on purpose."""
+
+    exit_code = 2
+
+
+class DataError(CputwinError):
+    """Telemetry that cannot be used as it is."""
+
+
+class FeatureError(CputwinError):
+    """A feature spec that does not fit the data."""
+
+
+class ModelError(CputwinError):
+    """A model misused: not fitted, or fed columns it does not know."""
+
+
+class ArtifactError(CputwinError):
+    """A twin file that cannot be trusted."""
+
+
+class WorkloadError(CputwinError):
+    """A labelled workload that died during collection: its samples are not a normal run."""
+
+    exit_code = 1

@@ -1,0 +1,118 @@
+"""Feature specs are plain data: which column groups, which lags, which windows.
+
+A spec never names a concrete core: it names *groups* that are resolved against
+the target and the machine's core count when compiled, so one spec serves any
+target core on any machine. Feature names are derived from the spec and become the
+model's input schema.
+
+Groups:
+    overall      cpu_util_overall
+    other_cores  every cpu_util_core_<i> except the target
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cputwin.errors import FeatureError
+
+GROUPS = ("overall", "other_cores")
+WINDOW_STATS = ("mean", "std")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A declared feature set.
+
+    current: groups used as measured at time t.
+    lags: group -> lags (in samples) of that group.
+    windows: group -> list of (window length, statistic); statistic in WINDOW_STATS
+        (std is the sample std, ddof=1, as pandas computes it).
+    workload: one-hot workload columns (categories fixed at training).
+    min_history: rows dropped at the start of every run even if the features need
+        fewer (the seed dropped rows for windows it computed but never used).
+    """
+
+    name: str
+    current: tuple[str, ...] = ("overall", "other_cores")
+    lags: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    windows: dict[str, tuple[tuple[int, str], ...]] = field(default_factory=dict)
+    workload: bool = True
+    min_history: int = 0
+
+    def __post_init__(self) -> None:
+        for group in [*self.current, *self.lags, *self.windows]:
+            if group not in GROUPS:
+                raise FeatureError(f"spec {self.name!r}: unknown group {group!r}; known: {GROUPS}")
+        for group, lags in self.lags.items():
+            if any(int(k) < 1 for k in lags):
+                raise FeatureError(f"spec {self.name!r}: lags of {group!r} must be >= 1")
+        for group, wins in self.windows.items():
+            for w, stat in wins:
+                if int(w) < 2 or stat not in WINDOW_STATS:
+                    raise FeatureError(
+                        f"spec {self.name!r}: window ({w}, {stat!r}) of {group!r} must have "
+                        f"length >= 2 and a statistic in {WINDOW_STATS}"
+                    )
+
+    @property
+    def history(self) -> int:
+        """Samples of a run's past a row needs before its features exist."""
+        need = [self.min_history]
+        need += [max(lags) for lags in self.lags.values() if lags]
+        need += [w - 1 for wins in self.windows.values() for w, _ in wins]
+        return max(need)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "current": list(self.current),
+            "lags": {g: list(v) for g, v in self.lags.items()},
+            "windows": {g: [[w, s] for w, s in v] for g, v in self.windows.items()},
+            "workload": self.workload,
+            "min_history": self.min_history,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
+        try:
+            return cls(
+                name=str(data["name"]),
+                current=tuple(data["current"]),
+                lags={g: tuple(int(k) for k in v) for g, v in data["lags"].items()},
+                windows={
+                    g: tuple((int(w), str(s)) for w, s in v) for g, v in data["windows"].items()
+                },
+                workload=bool(data["workload"]),
+                min_history=int(data["min_history"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FeatureError(f"malformed feature spec: {exc}") from None
+
+
+# The seed's two sets, as the models actually saw them (LINEAGE.md): the overall load and
+# the other cores now, the other cores' lags, the workload. The seed also computed overall
+# lags and rolling statistics but never fed them to the model; only the rows it dropped
+# for them survive, as min_history.
+V2_0 = FeatureSpec(
+    name="v2.0",
+    lags={"other_cores": (1, 2, 3, 4, 5)},
+    min_history=9,
+)
+V2_3 = FeatureSpec(
+    name="v2.3",
+    lags={"other_cores": tuple(range(1, 11))},
+    min_history=29,
+)
+
+BUILTIN_SPECS: dict[str, FeatureSpec] = {s.name: s for s in (V2_0, V2_3)}
+
+
+def get_spec(name: str) -> FeatureSpec:
+    try:
+        return BUILTIN_SPECS[name]
+    except KeyError:
+        raise FeatureError(
+            f"unknown feature set {name!r}; built in: {', '.join(BUILTIN_SPECS)}"
+        ) from None

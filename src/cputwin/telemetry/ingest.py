@@ -1,0 +1,152 @@
+"""Load telemetry runs from parquet: each file is one run, checked before anything uses it.
+
+Every problem is reported as a one-line `DataError` naming the file; repairable
+problems (unsorted or duplicated timestamps) are repaired with a warning.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+
+from cputwin.errors import DataError
+from cputwin.telemetry.schema import (
+    OPTIONAL_COLUMNS,
+    OVERALL,
+    RUN_COLUMN,
+    TIMESTAMP,
+    WORKLOAD,
+    Schema,
+    core_column,
+    core_columns_in,
+)
+
+PathLike = str | Path
+
+
+class DataWarning(UserWarning):
+    """Telemetry that was repaired on load (sorted, de-duplicated, an unknown label)."""
+
+
+def resolve_paths(source: PathLike | Iterable[PathLike]) -> list[Path]:
+    """Expand a file, a folder (its *.parquet), a glob, or a list of those, in sorted order."""
+    items = [source] if isinstance(source, str | Path) else list(source)
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(p.glob("*.parquet"))
+            if not found:
+                raise DataError(f"{p}: folder holds no .parquet files")
+            paths.extend(found)
+        elif p.exists():
+            paths.append(p)
+        elif any(ch in str(item) for ch in "*?["):
+            found = sorted(Path(m) for m in globlib.glob(str(item)))
+            if not found:
+                raise DataError(f"{item}: pattern matches no files")
+            paths.extend(found)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    if not paths:
+        raise DataError("no telemetry files given")
+    return paths
+
+
+def load_runs(source: PathLike | Iterable[PathLike]) -> pl.DataFrame:
+    """Load and check telemetry runs; one run per parquet file, named by the file's stem.
+
+    Returns one frame with a leading `run` column, sorted by (run, timestamp). Every
+    run must have the same logical-core count; extra columns are dropped.
+    """
+    paths = resolve_paths(source)
+    frames = [read_run(p) for p in paths]
+    names = [f[RUN_COLUMN][0] for f in frames]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})[0]
+        raise DataError(f"two files share the run name {dup!r}: run names must be unique")
+    counts = {p.name: count_cores(f) for p, f in zip(paths, frames, strict=True)}
+    if len(set(counts.values())) > 1:
+        desc = ", ".join(f"{name}: {n}" for name, n in counts.items())
+        raise DataError(f"runs have different core counts ({desc}); train one twin per machine")
+    return pl.concat(frames, how="vertical")
+
+
+def count_cores(frame: pl.DataFrame) -> int:
+    return len(core_columns_in(frame.columns))
+
+
+def schema_of(frame: pl.DataFrame) -> Schema:
+    return Schema(n_cores=count_cores(frame))
+
+
+def read_run(path: Path) -> pl.DataFrame:
+    """Read one parquet run and check it against the schema."""
+    try:
+        raw = pl.read_parquet(path)
+    except Exception as exc:  # polars raises several types for a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot read as parquet ({first})") from None
+    return check_run(raw, path)
+
+
+def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
+    """Validate one run's frame; return it normalised (typed, sorted, de-duplicated)."""
+    if raw.height == 0:
+        raise DataError(f"{path}: file holds no rows")
+    cores = core_columns_in(raw.columns)
+    if not cores:
+        raise DataError(f"{path}: missing required columns {core_column(0)}, … (no per-core data)")
+    schema = Schema(n_cores=len(cores))
+    missing = [c for c in schema.required_columns if c not in raw.columns]
+    if missing:
+        raise DataError(f"{path}: missing required column {missing[0]!r}")
+    numeric = [TIMESTAMP, *schema.utilisation_columns]
+    for col in numeric:
+        if not raw[col].dtype.is_numeric():
+            raise DataError(f"{path}: column {col!r} must be numeric, found {raw[col].dtype}")
+    for col in [*numeric, WORKLOAD]:
+        bad = raw[col].null_count() + (raw[col].is_nan().sum() if col in numeric else 0)
+        if bad:
+            raise DataError(f"{path}: column {col!r} has {bad} missing (null or NaN) values")
+    if raw[WORKLOAD].dtype != pl.String:
+        raise DataError(f"{path}: column {WORKLOAD!r} must hold text labels")
+    for col in schema.utilisation_columns:
+        lo, hi = raw[col].min(), raw[col].max()
+        if lo < 0 or hi > 100:
+            raise DataError(
+                f"{path}: column {col!r} has values outside [0, 100] (min {lo}, max {hi})"
+            )
+    optional = [
+        pl.col(c).cast(pl.Float64, strict=False) if c in raw.columns else pl.lit(None, pl.Float64)
+        for c in OPTIONAL_COLUMNS
+    ]
+    frame = raw.select(
+        pl.lit(Path(path).stem).alias(RUN_COLUMN),
+        pl.col(TIMESTAMP).cast(pl.Float64),
+        *[pl.col(c).cast(pl.Float64) for c in schema.utilisation_columns],
+        *[e.alias(c) for e, c in zip(optional, OPTIONAL_COLUMNS, strict=True)],
+        pl.col(WORKLOAD),
+    )
+    return repair_order(frame, path)
+
+
+def repair_order(frame: pl.DataFrame, path: Path | str) -> pl.DataFrame:
+    ts = frame[TIMESTAMP]
+    if not ts.is_sorted():
+        warnings.warn(f"{path}: timestamps were not sorted; sorted them", DataWarning, stacklevel=3)
+        frame = frame.sort(TIMESTAMP, maintain_order=True)
+    dups = frame.height - frame[TIMESTAMP].n_unique()
+    if dups:
+        warnings.warn(
+            f"{path}: dropped {dups} rows with duplicated timestamps", DataWarning, stacklevel=3
+        )
+        frame = frame.unique(subset=TIMESTAMP, keep="first", maintain_order=True)
+    return frame
+
+
+__all__ = ["DataWarning", "OVERALL", "load_runs", "read_run", "resolve_paths", "schema_of"]

@@ -1,0 +1,67 @@
+"""The telemetry schema shared by the collector, ingest, features and the twin artifact.
+
+It is the seed's schema (LINEAGE.md) generalised to any number of logical cores.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TIMESTAMP = "timestamp"
+OVERALL = "cpu_util_overall"
+WORKLOAD = "workload_type"
+RUN_COLUMN = "run"
+CORE_PREFIX = "cpu_util_core_"
+FREQ_COLUMNS = ("cpu_freq_current_mhz", "cpu_freq_min_mhz", "cpu_freq_max_mhz")
+TEMP_COLUMN = "cpu_temp_celsius_avg"
+OPTIONAL_COLUMNS = (*FREQ_COLUMNS, TEMP_COLUMN)
+
+_CORE_RE = re.compile(r"^cpu_util_core_(\d+)$")
+
+
+def core_column(index: int) -> str:
+    return f"{CORE_PREFIX}{index}"
+
+
+def core_columns_in(columns: list[str] | tuple[str, ...]) -> list[str]:
+    """The per-core utilisation columns present, ordered by core index."""
+    found = [(int(m.group(1)), c) for c in columns if (m := _CORE_RE.match(c))]
+    return [c for _, c in sorted(found)]
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What a twin needs to know about the machine its telemetry came from."""
+
+    n_cores: int
+
+    @property
+    def core_columns(self) -> list[str]:
+        return [core_column(i) for i in range(self.n_cores)]
+
+    @property
+    def utilisation_columns(self) -> list[str]:
+        return [OVERALL, *self.core_columns]
+
+    @property
+    def required_columns(self) -> list[str]:
+        return [TIMESTAMP, *self.utilisation_columns, WORKLOAD]
+
+    def column_order(self) -> list[str]:
+        """The on-disk column order the collector writes (the seed's order)."""
+        return [TIMESTAMP, *self.utilisation_columns, *OPTIONAL_COLUMNS, WORKLOAD]
+
+    def check_target(self, target: str) -> str:
+        if target not in self.core_columns:
+            raise_target(target, self.core_columns)
+        return target
+
+
+def raise_target(target: str, cores: list[str]) -> None:
+    from cputwin.errors import DataError
+
+    raise DataError(
+        f"target {target!r} is not a core of this data: expected one of "
+        f"{cores[0]} … {cores[-1]}"
+    )
