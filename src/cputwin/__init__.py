@@ -1,11 +1,27 @@
-"""cputwin: a digital twin of a machine's CPU cores, learned from per-core telemetry."""
+"""cputwin: a digital twin of a machine's CPU cores, learned from per-core telemetry.
 
-from cputwin.errors import CputwinError
-from cputwin.features import FeatureSpec, build_features, get_spec
-from cputwin.models import TwinStack
-from cputwin.telemetry import load_runs
+Heavy modules (LightGBM, scikit-learn, Polars) load on first use, so the collector and
+`cputwin --help` start quickly.
+"""
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["CputwinError", "FeatureSpec", "TwinStack", "__version__", "build_features",
-           "get_spec", "load_runs"]
+_EXPORTS = {
+    "CputwinError": "cputwin.errors",
+    "FeatureSpec": "cputwin.features",
+    "build_features": "cputwin.features",
+    "get_spec": "cputwin.features",
+    "TwinStack": "cputwin.models",
+    "load_runs": "cputwin.telemetry.ingest",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'cputwin' has no attribute {name!r}")

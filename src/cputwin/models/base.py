@@ -76,7 +76,7 @@ def fit_lgbm(
     else:
         model.fit(
             X, y, feature_name=feature_names,
-            eval_set=[eval_set], eval_metric=EARLY_STOPPING_METRIC,
+            eval_X=(eval_set[0],), eval_y=(eval_set[1],), eval_metric=EARLY_STOPPING_METRIC,
             callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)],
         )
     return model

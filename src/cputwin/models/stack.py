@@ -110,7 +110,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
                 model = fit_lgbm(params[spec.name], mat.X[fold["train"]], target[fold["train"]],
                                  mat.names)
                 n = fold["predict"].size
-                oof[start:start + n, j] = model.predict(mat.X[fold["predict"]])
+                oof[start:start + n, j] = model.booster_.predict(mat.X[fold["predict"]])
                 start += n
         self.oof_predictions_ = oof
         self.oof_index_ = oof_rows

@@ -1,0 +1,3 @@
+from cputwin.cli import main
+
+main()

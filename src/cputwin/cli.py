@@ -1,0 +1,258 @@
+"""The `cputwin` command: parse options, call the library, render results.
+
+No logic lives here. Every `CputwinError` is caught once, at the edge, and printed as
+one line on stderr with exit code 2 (a dead workload: 1); warnings print as one line.
+Progress goes to stderr, so `--json` leaves exactly one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cputwin import __version__
+from cputwin.errors import CputwinError
+
+app = typer.Typer(
+    help="A digital twin of a machine's CPU cores, learned from per-core telemetry.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+DataArg = Annotated[list[str], typer.Argument(help="Parquet runs: files, folders or globs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, nothing else.")]
+TargetOpt = Annotated[str, typer.Option(help="Core column to twin.")]
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """One line per warning; one line and an exit code per cputwin error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            yield
+        except CputwinError as exc:
+            _show_warnings(caught)
+            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+        _show_warnings(caught)
+
+
+def _show_warnings(caught) -> None:
+    seen = set()
+    for w in caught:
+        msg = str(w.message)
+        if msg not in seen and not issubclass(w.category, DeprecationWarning):
+            seen.add(msg)
+            err.print(f"warning: {msg}", markup=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def spinner(enabled: bool = True) -> Iterator:
+    """A progress line on stderr; yields the callback the library reports steps to."""
+    if not enabled or not err.is_terminal:
+        yield lambda _msg: None
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err,
+                  transient=True) as bar:
+        task = bar.add_task("starting")
+        yield lambda msg: bar.update(task, description=msg)
+
+
+def _json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return str(x)
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def render_summary(summary: dict) -> None:
+    table = Table(title=f"{summary['protocol']} protocol · target {summary['target']} · "
+                        f"rows train {summary['rows']['train']}, test {summary['rows']['test']}")
+    table.add_column("model")
+    for col in ("R²", "MAE", "RMSE"):
+        table.add_column(col, justify="right")
+    for m in summary["r2"]:
+        table.add_row(m, _fmt(summary["r2"][m]), _fmt(summary["mae"][m]), _fmt(summary["rmse"][m]))
+    out.print(table)
+    wl = Table(title="R² per workload")
+    wl.add_column("workload")
+    models = list(summary["r2"])
+    for m in models:
+        wl.add_column(m, justify="right")
+    for name, entry in summary["per_workload"].items():
+        wl.add_row(name, *[_fmt(entry["r2"].get(m)) for m in models])
+    out.print(wl)
+    weights = " / ".join(f"{k} {v:.4f}" for k, v in summary["meta"]["weights"].items())
+    out.print(f"meta weights: {weights}; intercept {summary['meta']['intercept']:.4f}")
+    out.print(summary["verdict"], style="bold", highlight=False)
+
+
+@app.command()
+def evaluate(
+    data: DataArg,
+    protocol: Annotated[str, typer.Option(help="honest, seed, or both side by side.")] = "honest",
+    target: TargetOpt = "cpu_util_core_0",
+    train_fraction: Annotated[float, typer.Option(help="Share of each run that trains.")] = 0.8,
+    report: Annotated[Path | None, typer.Option(help="Write an HTML report into this folder.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train and score the twin on DATA under an evaluation protocol."""
+    with cli_errors(), spinner() as progress:
+        from cputwin import pipeline
+
+        summary, _ = pipeline.evaluate(data, protocol, target, train_fraction, report, progress)
+    if as_json:
+        _json(summary)
+        return
+    for s in ([summary["seed"], summary["honest"]] if protocol == "both" else [summary]):
+        render_summary(s)
+    if protocol == "both":
+        out.print("leakage audit of the seed protocol (measured):")
+        for k, v in summary["audit"].items():
+            out.print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    if report:
+        out.print(f"report: {report / 'report.html'}")
+
+
+@app.command()
+def train(
+    data: DataArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Twin file to write.")],
+    target: TargetOpt = "cpu_util_core_0",
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit a twin on all of DATA and save it as a pickle-free .cputwin file."""
+    with cli_errors(), spinner() as progress:
+        from cputwin import pipeline
+
+        result = pipeline.train(data, output, target, progress)
+    if as_json:
+        _json(result)
+        return
+    oof = result["out_of_fold"]
+    out.print(f"twin written to {output} (target {target}, {result['rows']} rows)")
+    out.print("out-of-fold R²: " + ", ".join(f"{k} {v['r2']:.4f}" for k, v in oof.items()))
+
+
+@app.command()
+def predict(
+    twin: Annotated[Path, typer.Argument(help="A .cputwin file.")],
+    data: DataArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict the twin's core for every row of DATA."""
+    with cli_errors():
+        from cputwin import pipeline
+
+        result = pipeline.predict(twin, data, output)
+    if as_json:
+        _json(result)
+        return
+    out.print(f"{result['predicted']} of {result['rows']} rows predicted → {output}")
+    if "scores" in result:
+        s = result["scores"]
+        out.print(f"against the measured core: R² {s['r2']:.4f}, MAE {s['mae']:.3f}")
+
+
+@app.command()
+def collect(
+    workload: Annotated[str, typer.Option(help="A built-in workload, or 'all'.")] = "all",
+    seconds: Annotated[float, typer.Option(help="Seconds per workload.")] = 30.0,
+    rate: Annotated[float, typer.Option(help="Samples per second.")] = 10.0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the runs.")] = Path("telemetry"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Record labelled telemetry of this machine, one parquet file per workload."""
+    from cputwin.telemetry.collector import Collector, expand_workloads
+
+    results = []
+    with cli_errors():
+        names = expand_workloads(workload)
+        collector = Collector(rate=rate)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
+                      console=err, disable=not err.is_terminal) as bar:
+            for name in names:
+                task = bar.add_task(name, total=1.0)
+                run = collector.record(name, seconds, out_dir,
+                                       tick=lambda f, t=task: bar.update(t, completed=f))
+                results.append(run)
+                if not as_json:
+                    out.print(f"{run.path} ({run.rows} samples, median step {run.median_step:.4f} s)")
+    if as_json:
+        _json({"runs": [{"path": str(r.path), "rows": r.rows, "median_step_s": r.median_step}
+                        for r in results]})
+
+
+@app.command()
+def demo(
+    live: Annotated[bool, typer.Option(help="Record fresh telemetry of this machine first.")] = False,
+    seconds: Annotated[float, typer.Option(help="With --live: seconds per workload.")] = 30.0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write.")] = Path("cputwin-demo"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Train and evaluate honestly on the embedded sample (or, with --live, on this machine)."""
+    from cputwin.telemetry.collector import Collector, expand_workloads
+
+    with cli_errors():
+        data = None
+        if live:
+            data = out_dir / "telemetry"
+            collector = Collector()
+            for name in expand_workloads("all"):
+                err.print(f"recording {name} for {seconds:g} s", highlight=False)
+                collector.record(name, seconds, data)
+        from cputwin import pipeline
+
+        with spinner() as progress:
+            result = pipeline.demo(out_dir, data, progress)
+    if as_json:
+        _json({**result.summary, "report": str(result.report), "twin": str(result.twin)})
+        return
+    out.print(f"data: {result.data}")
+    render_summary(result.summary)
+    out.print(f"report: {result.report}\ntwin:   {result.twin}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"cputwin {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """cputwin: collect → features → stacked LightGBM twin → honest evaluation."""
+
+
+def main() -> None:
+    app()

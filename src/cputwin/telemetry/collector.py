@@ -1,0 +1,254 @@
+"""Sample this machine with psutil at a fixed rate and write runs in the seed's schema.
+
+Scheduling is drift-free: tick k is due at start + k/rate on the monotonic clock, so
+sleep jitter never accumulates; a tick that is already late is skipped, not bunched.
+Samples are flushed every `flush_interval` seconds as a small, complete parquet part in
+`<run>.parts/` (written under a temporary name and renamed), so a collector killed
+with SIGKILL leaves every sample older than a second readable. A finished run is merged
+into `<workload>_<YYYYmmdd_HHMMSS>.parquet` with its metadata and the parts removed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cputwin.errors import DataError, WorkloadError
+from cputwin.telemetry.schema import (
+    OVERALL,
+    TEMP_COLUMN,
+    TIMESTAMP,
+    WORKLOAD,
+    Schema,
+    core_column,
+)
+from cputwin.telemetry.workloads import WORKLOADS, WorkloadFn, WorkloadProcess
+
+METADATA_KEY = b"cputwin"
+
+
+def _freq() -> tuple[float | None, float | None, float | None]:
+    try:
+        f = psutil.cpu_freq()
+    except (OSError, NotImplementedError, AttributeError):
+        return None, None, None
+    if f is None:
+        return None, None, None
+    return tuple(v if v else None for v in (f.current, f.min, f.max))  # type: ignore[return-value]
+
+
+def _temperature() -> float | None:
+    read = getattr(psutil, "sensors_temperatures", None)
+    if read is None:
+        return None
+    try:
+        temps = [t.current for entries in read().values() for t in entries if t.current]
+    except (OSError, RuntimeError):
+        return None
+    return sum(temps) / len(temps) if temps else None
+
+
+class Sampler:
+    """One psutil sample per call: overall and per-core utilisation since the last call."""
+
+    def __init__(self) -> None:
+        self.schema = Schema(n_cores=psutil.cpu_count(logical=True) or 1)
+        psutil.cpu_percent(interval=None)
+        psutil.cpu_percent(interval=None, percpu=True)
+
+    def sample(self, workload: str) -> dict[str, Any]:
+        now = time.time()
+        overall = psutil.cpu_percent(interval=None)
+        cores = psutil.cpu_percent(interval=None, percpu=True)
+        cur, lo, hi = _freq()
+        row: dict[str, Any] = {TIMESTAMP: now, OVERALL: float(overall)}
+        for i, v in enumerate(cores):
+            row[core_column(i)] = float(v)
+        row.update({"cpu_freq_current_mhz": cur, "cpu_freq_min_mhz": lo, "cpu_freq_max_mhz": hi,
+                    TEMP_COLUMN: _temperature(), WORKLOAD: workload})
+        return row
+
+
+def arrow_schema(schema: Schema) -> pa.Schema:
+    fields = [pa.field(c, pa.float64()) for c in schema.column_order()[:-1]]
+    return pa.schema([*fields, pa.field(WORKLOAD, pa.string())])
+
+
+@dataclass
+class RunResult:
+    path: Path
+    rows: int
+    median_step: float
+
+
+class Collector:
+    """Records labelled runs of this machine."""
+
+    def __init__(self, rate: float = 10.0, flush_interval: float = 0.5) -> None:
+        if not 0 < rate <= 100:
+            raise DataError(f"rate must be in (0, 100] Hz, got {rate}")
+        self.rate = rate
+        self.flush_interval = flush_interval
+
+    def record(
+        self,
+        workload: str,
+        seconds: float,
+        out_dir: Path,
+        tick: Callable[[float], None] | None = None,
+        workload_fn: WorkloadFn | None = None,
+    ) -> RunResult:
+        """Run `workload` in a child process for `seconds` while sampling; return the run file.
+
+        Raises WorkloadError (and keeps no run file) if the workload dies early.
+        """
+        if workload_fn is None:
+            if workload not in WORKLOADS:
+                raise DataError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+            workload_fn = WORKLOADS[workload]
+        if seconds <= 0:
+            raise DataError(f"seconds must be positive, got {seconds}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{workload}_{datetime.now().strftime('%Y%m%d_%H%M%S')}"
+        final = out_dir / f"{stem}.parquet"
+        parts = out_dir / f"{stem}.parts"
+        parts.mkdir(exist_ok=False)
+        sampler = Sampler()
+        proc = WorkloadProcess(workload_fn)
+        proc.start()
+        writer = PartWriter(parts, arrow_schema(sampler.schema))
+        started = time.time()
+        try:
+            self._loop(sampler, workload, seconds, proc, writer, tick)
+        except WorkloadError:
+            proc.stop()
+            shutil.rmtree(parts, ignore_errors=True)  # not a normal run of this workload
+            raise
+        except BaseException:  # Ctrl-C and the like: keep what was sampled, as parts
+            proc.stop()
+            writer.flush()
+            raise
+        exit_code = proc.stop()
+        writer.flush()
+        meta = {
+            "host": socket.gethostname(),
+            "logical_cores": sampler.schema.n_cores,
+            "rate_hz": self.rate,
+            "package_version": _version(),
+            "workload": workload,
+            "workload_exit_status": exit_code,
+            "started_at": started,
+            "seconds": seconds,
+        }
+        rows = merge_parts(parts, final, meta)
+        return RunResult(final, rows, self._median_step(final))
+
+    def _loop(self, sampler, workload, seconds, proc, writer, tick) -> None:
+        period = 1.0 / self.rate
+        start = time.monotonic()
+        n_ticks = int(round(seconds * self.rate))
+        next_flush = start + self.flush_interval
+        k = 1
+        while k <= n_ticks:
+            due = start + k * period
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            elif -delay > period:  # late by more than a tick: skip, don't bunch
+                k += int(-delay // period)
+                continue
+            reason = proc.died()
+            if reason:
+                raise WorkloadError(f"workload {workload!r} {reason}; run not saved")
+            writer.add(sampler.sample(workload))
+            if time.monotonic() >= next_flush:
+                writer.flush()
+                next_flush += self.flush_interval
+            if tick:
+                tick(k / n_ticks)
+            k += 1
+
+    @staticmethod
+    def _median_step(path: Path) -> float:
+        import numpy as np
+
+        ts = pq.read_table(path, columns=[TIMESTAMP])[TIMESTAMP].to_numpy()
+        return float(np.median(np.diff(ts))) if ts.size > 1 else float("nan")
+
+
+class PartWriter:
+    """Buffers rows and writes each flush as a complete parquet file, atomically."""
+
+    def __init__(self, folder: Path, schema: pa.Schema) -> None:
+        self.folder = folder
+        self.schema = schema
+        self.rows: list[dict[str, Any]] = []
+        self.count = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        tmp = self.folder / f".part-{self.count:06d}.tmp"
+        pq.write_table(table, tmp)
+        tmp.rename(self.folder / f"part-{self.count:06d}.parquet")
+        self.count += 1
+        self.rows = []
+
+
+def merge_parts(parts: Path, final: Path, meta: dict[str, Any]) -> int:
+    """Merge a run's parts into one parquet file with metadata; remove the parts."""
+    files = sorted(parts.glob("part-*.parquet"))
+    if not files:
+        shutil.rmtree(parts, ignore_errors=True)
+        raise DataError(f"{parts}: no samples were recorded")
+    table = pa.concat_tables(pq.read_table(f) for f in files)
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    tmp = final.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    tmp.rename(final)
+    shutil.rmtree(parts)
+    return table.num_rows
+
+
+def recover_parts(parts: Path) -> Path:
+    """Turn the parts of an interrupted run (e.g. after SIGKILL) into a run file."""
+    if not parts.is_dir() or parts.suffix != ".parts":
+        raise DataError(f"{parts}: not a folder of run parts (<run>.parts)")
+    final = parts.with_suffix(".parquet")
+    merge_parts(parts, final, {"recovered": True, "package_version": _version()})
+    return final
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+
+
+def _version() -> str:
+    from cputwin import __version__
+
+    return __version__
+
+
+def expand_workloads(workload: str) -> list[str]:
+    """`all` is every built-in workload in turn; anything else must be a known name."""
+    if workload == "all":
+        return list(WORKLOADS)
+    if workload not in WORKLOADS:
+        raise DataError(f"unknown workload {workload!r}; known: all, {', '.join(WORKLOADS)}")
+    return [workload]

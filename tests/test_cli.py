@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from cputwin.cli import app
+from helpers import synthetic_run, write_run
+
+runner = CliRunner()
+COMMANDS = ["evaluate", "train", "predict", "collect", "demo"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("command", [[], *[[c] for c in COMMANDS]])
+def test_help_everywhere(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("cputwin ")
+
+
+@pytest.fixture(scope="module")
+def honest_json(sample_data, tmp_path_factory):
+    report = tmp_path_factory.mktemp("report")
+    result = run("evaluate", sample_data, "--json", "--report", report)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), report
+
+
+def test_evaluate_json_is_one_object_with_the_documented_keys(honest_json):
+    summary, _ = honest_json
+    assert {"protocol", "target", "rows", "r2", "mae", "rmse", "per_workload", "meta",
+            "verdict"} <= set(summary)
+    assert summary["protocol"] == "honest"
+    assert set(summary["r2"]) == {"v2.0", "v2.3", "average", "stack", "workload_mean"}
+    assert set(summary["meta"]["weights"]) == {"v2.0", "v2.3"}
+    assert summary["rows"]["train"] > summary["rows"]["test"] > 0
+    assert set(summary["per_workload"]) == {"cpu_bound", "io_bound", "memory_bound",
+                                            "mixed_workload", "network_bound", "idle"}
+    assert summary["verdict"].split(":")[0] in {"MISSION ACCOMPLISHED", "BREAKTHROUGH",
+                                                "LIMIT REACHED"}
+
+
+def test_report_is_self_contained_html_with_plots(honest_json):
+    _, report = honest_json
+    page = (report / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert "src=\"http" not in page
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["evaluate", "/no/such/file.parquet"], "no such file or folder"),
+    (["evaluate", "{sample}", "--protocol", "magic"], "protocol must be one of"),
+    (["evaluate", "{sample}", "--target", "cpu_util_core_99"], "is not a core of this data"),
+    (["evaluate", "{sample}", "--train-fraction", "1.5"], "train fraction must be between"),
+    (["evaluate", "{bad}"], "must be numeric"),
+    (["predict", "{junk}", "{sample}", "-o", "{out}"], "not a cputwin twin file"),
+    (["collect", "--workload", "gpu", "--out", "{out}"], "unknown workload 'gpu'"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, sample_data, args, fragment):
+    bad = write_run(synthetic_run().with_columns(pl.col("cpu_util_core_0").cast(pl.String)),
+                    tmp_path, "bad")
+    junk = tmp_path / "junk.cputwin"
+    junk.write_text("hello")
+    fill = {"sample": sample_data, "bad": bad, "junk": junk, "out": tmp_path / "o.parquet"}
+    result = run(*[a.format(**fill) for a in args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and fragment in lines[-1]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_train_then_predict(sample_data, tmp_path):
+    twin = tmp_path / "t.cputwin"
+    result = run("train", sample_data, "-o", twin, "--json")
+    assert result.exit_code == 0, result.output
+    trained = json.loads(result.stdout)
+    assert set(trained["out_of_fold"]) == {"v2.0", "v2.3", "stack"}
+    preds = tmp_path / "p.parquet"
+    result = run("predict", twin, sample_data, "-o", preds, "--json")
+    assert result.exit_code == 0, result.output
+    table = pl.read_parquet(preds)
+    assert {"run", "timestamp", "actual", "v2.0", "v2.3", "twin", "residual"} <= set(table.columns)
+    assert table["twin"].drop_nans().len() == json.loads(result.stdout)["predicted"]
+    other = write_run(synthetic_run(cores=3), tmp_path / "three", "r")
+    result = run("predict", twin, other, "-o", tmp_path / "x.parquet")
+    assert result.exit_code == 2 and "trained on" in result.stderr
+
+
+def test_seed_protocol_reproduces_the_notebook(seed_data):
+    result = run("evaluate", seed_data, "--protocol", "seed", "--json")
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert round(s["r2"]["v2.0"], 4) == 0.7088
+    assert round(s["r2"]["v2.3"], 4) == 0.6979
+    assert round(s["r2"]["stack"], 4) == 0.7436
+    assert round(s["meta"]["weights"]["v2.0"], 4) == 1.0579
+    assert round(s["meta"]["weights"]["v2.3"], 4) == 0.0300
+    assert s["verdict"].startswith("BREAKTHROUGH")
+    text = run("evaluate", seed_data, "--protocol", "seed")
+    assert text.exit_code == 0
+    for fragment in ("0.7088", "0.6979", "0.7436", "v2.0 1.0579 / v2.3 0.0300", "BREAKTHROUGH"):
+        assert fragment in text.stdout

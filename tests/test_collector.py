@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cputwin import load_runs
+from cputwin.errors import DataError, WorkloadError
+from cputwin.telemetry.collector import Collector, read_metadata, recover_parts
+from cputwin.telemetry.schema import Schema
+
+
+def crashing_workload(stop):
+    time.sleep(0.3)
+    raise ImportError("No module named 'requests'")
+
+
+def killed_workload(stop):
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def quiet_exit_workload(stop):
+    time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return Collector(rate=10).record("cpu_bound", 4, out)
+
+
+def test_rate_is_held(short_run):
+    ts = load_runs(short_run.path)["timestamp"].to_numpy()
+    assert abs(np.median(np.diff(ts)) - 0.1) <= 0.002
+    assert 36 <= ts.size <= 40
+
+
+def test_schema_and_label(short_run):
+    raw = pl.read_parquet(short_run.path)
+    cores = os.cpu_count()
+    assert raw.columns == Schema(n_cores=cores).column_order()
+    assert raw["workload_type"].unique().to_list() == ["cpu_bound"]
+    assert short_run.path.name.startswith("cpu_bound_")
+    assert raw["timestamp"].dtype == pl.Float64
+    meta = read_metadata(short_run.path)
+    assert meta["logical_cores"] == cores and meta["rate_hz"] == 10
+    assert meta["workload_exit_status"] == 0 and meta["host"]
+    assert not list(short_run.path.parent.glob("*.parts"))
+
+
+@pytest.mark.parametrize(("fn", "fragment"), [
+    (crashing_workload, "exit code 1): ImportError: No module named 'requests'"),
+    (killed_workload, "killed by signal 9"),
+    (quiet_exit_workload, "died after"),
+])
+def test_a_dying_workload_fails_the_run_and_saves_nothing(tmp_path, fn, fragment):
+    with pytest.raises(WorkloadError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        Collector().record("network_bound", 3, tmp_path, workload_fn=fn)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_workload_and_bad_rate(tmp_path):
+    with pytest.raises(DataError, match="unknown workload 'gpu'"):
+        Collector().record("gpu", 1, tmp_path)
+    with pytest.raises(DataError, match="rate must be"):
+        Collector(rate=0)
+
+
+def test_samples_survive_kill_9(tmp_path):
+    cmd = [sys.executable, "-m", "cputwin", "collect", "--workload", "idle", "--seconds", "60",
+           "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(list(tmp_path.glob("*.parts/part-*.parquet"))) < 6:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    killed_at = time.time()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    parts = list(tmp_path.glob("*.parts"))
+    assert len(parts) == 1
+    frame = pl.read_parquet(parts[0] / "part-*.parquet")
+    ts = frame["timestamp"].to_numpy()
+    assert ts.size >= 15
+    # every sample older than a second is on disk: the newest saved is under 1 s old
+    assert killed_at - ts.max() < 1.0
+    assert np.all(np.diff(ts) > 0)
+    run = recover_parts(parts[0])
+    assert load_runs(run).height == ts.size
+    assert read_metadata(run)["recovered"] is True
+    assert Path(run).name.startswith("idle_")

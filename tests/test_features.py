@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cputwin import load_runs
+from cputwin.errors import FeatureError
+from cputwin.features import FeatureSpec, build_features, get_spec
+from cputwin.features.reference import reference_features
+from cputwin.telemetry.ingest import DataWarning
+from helpers import synthetic_run
+
+WITH_WINDOWS = FeatureSpec(
+    name="windows",
+    lags={"overall": (1, 3), "other_cores": (2,)},
+    windows={"overall": ((5, "mean"), (5, "std")), "other_cores": ((3, "std"),)},
+)
+SPECS = [get_spec("v2.0"), get_spec("v2.3"), WITH_WINDOWS]
+
+
+def _multi_run(n_runs=3, n=80, cores=4):
+    return pl.concat([
+        synthetic_run(n=n, cores=cores, seed=i, workload=["a", "b"][i % 2]).with_columns(
+            pl.lit(f"run{i}").alias("run"))
+        for i in range(n_runs)
+    ]).select("run", pl.exclude("run"))
+
+
+def _check_equal_to_reference(frame, spec, target, workloads):
+    mat = build_features(frame, spec, target, workloads)
+    ref, ref_valid = reference_features(frame.to_pandas(), spec, target, workloads)
+    assert mat.names == list(ref.columns)
+    np.testing.assert_array_equal(mat.valid, ref_valid)
+    np.testing.assert_allclose(mat.X[mat.valid], ref.to_numpy()[mat.valid], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_engine_equals_pandas_reference_on_seed_data(seed_data, spec):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        frame = load_runs(seed_data)
+    _check_equal_to_reference(frame, spec, "cpu_util_core_0", sorted(set(frame["workload_type"])))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_engine_equals_pandas_reference_on_sample(sample_frame, spec):
+    wl = sorted(set(sample_frame["workload_type"]))
+    _check_equal_to_reference(sample_frame, spec, "cpu_util_core_1", wl)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_runs=st.integers(1, 4), n=st.integers(1, 60), cores=st.integers(2, 6),
+       target=st.integers(0, 5), spec=st.sampled_from(SPECS))
+def test_engine_equals_reference_for_any_runs(n_runs, n, cores, target, spec):
+    frame = _multi_run(n_runs, n, cores)
+    _check_equal_to_reference(frame, spec, f"cpu_util_core_{target % cores}", ["a", "b"])
+
+
+def test_no_lag_or_window_crosses_a_run_boundary():
+    frame = _multi_run(n_runs=2, n=50)
+    mat = build_features(frame, WITH_WINDOWS, "cpu_util_core_0", ["a", "b"])
+    second = frame.filter(pl.col("run") == "run1")
+    alone = build_features(second, WITH_WINDOWS, "cpu_util_core_0", ["a", "b"])
+    rows = (frame["run"] == "run1").to_numpy()
+    # run1's features are the same whether or not run0 sits before it in the frame
+    np.testing.assert_array_equal(mat.X[rows][alone.valid], alone.X[alone.valid])
+    np.testing.assert_array_equal(mat.valid[rows], alone.valid)
+    assert not mat.valid[rows][: WITH_WINDOWS.history].any()
+
+
+def test_target_never_appears_among_inputs():
+    frame = _multi_run()
+    for spec in SPECS:
+        names = build_features(frame, spec, "cpu_util_core_2", ["a", "b"]).names
+        assert not any(n.startswith("cpu_util_core_2") for n in names)
+
+
+def test_seed_sets_have_the_seed_feature_counts(sample_frame):
+    frame = _multi_run(cores=8)
+    assert len(build_features(frame, get_spec("v2.0"), "cpu_util_core_0", list("abcde")).names) == 48
+    assert len(build_features(frame, get_spec("v2.3"), "cpu_util_core_0", list("abcde")).names) == 83
+
+
+def test_unseen_workload_gets_zeros_and_a_warning():
+    frame = _multi_run()
+    with pytest.warns(DataWarning, match="not seen in training: b"):
+        mat = build_features(frame, get_spec("v2.0"), "cpu_util_core_0", ["a"])
+    col = mat.names.index("workload_a")
+    b_rows = (frame["workload_type"] == "b").to_numpy()
+    assert (mat.X[b_rows, col] == 0).all()
+
+
+def test_keys_carry_run_and_timestamp():
+    frame = _multi_run()
+    mat = build_features(frame, get_spec("v2.0"), "cpu_util_core_0", ["a", "b"])
+    assert mat.keys.select("run", "timestamp").equals(frame.select("run", "timestamp"))
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"current": ("gpu",)}, "unknown group 'gpu'"),
+    ({"lags": {"overall": (0,)}}, "must be >= 1"),
+    ({"windows": {"overall": ((1, "mean"),)}}, "length >= 2"),
+    ({"windows": {"overall": ((5, "median"),)}}, "statistic in"),
+])
+def test_bad_specs_are_rejected(kwargs, fragment):
+    with pytest.raises(FeatureError, match=fragment):
+        FeatureSpec(name="bad", **kwargs)
+
+
+def test_unknown_builtin_and_spec_round_trip():
+    with pytest.raises(FeatureError, match="unknown feature set 'v9'"):
+        get_spec("v9")
+    assert FeatureSpec.from_dict(WITH_WINDOWS.to_dict()) == WITH_WINDOWS

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cputwin import load_runs
+from cputwin.errors import DataError
+from cputwin.telemetry.ingest import DataWarning
+from helpers import synthetic_run, write_run
+
+
+def _nan_in_core(f: pl.DataFrame) -> pl.DataFrame:
+    vals = f["cpu_util_core_1"].to_numpy().copy()
+    vals[5] = np.nan
+    return f.with_columns(pl.Series("cpu_util_core_1", vals))
+
+
+BAD_RUNS = [
+    (lambda f: f.drop("cpu_util_core_2"), "missing required column 'cpu_util_core_2'"),
+    (lambda f: f.drop("cpu_util_overall"), "missing required column 'cpu_util_overall'"),
+    (lambda f: f.drop("workload_type"), "missing required column 'workload_type'"),
+    (lambda f: f.drop([c for c in f.columns if c.startswith("cpu_util_core")]), "no per-core data"),
+    (lambda f: f.with_columns(pl.col("cpu_util_core_0").cast(pl.String)), "must be numeric"),
+    (_nan_in_core, "missing (null or NaN) values"),
+    (lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(None)
+                              .otherwise(pl.col("cpu_util_overall")).alias("cpu_util_overall")),
+     "missing (null or NaN)"),
+    (lambda f: f.with_columns(pl.lit(101.0).alias("cpu_util_core_3")), "outside [0, 100]"),
+    (lambda f: f.with_columns(pl.lit(-1.0).alias("cpu_util_overall")), "outside [0, 100]"),
+    (lambda f: f.head(0), "holds no rows"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "fragment"), BAD_RUNS)
+def test_bad_run_gives_one_clear_line_naming_the_file(tmp_path, mutate, fragment):
+    path = write_run(mutate(synthetic_run()), tmp_path, "bad")
+    with pytest.raises(DataError) as info:
+        load_runs(path)
+    msg = str(info.value)
+    assert fragment in msg
+    assert str(path) in msg
+    assert "\n" not in msg
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "junk.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="cannot read as parquet"):
+        load_runs(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.parquet"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match="empty.parquet"):
+        load_runs(path)
+
+
+def test_missing_path_and_empty_glob(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_runs(tmp_path / "nope.parquet")
+    with pytest.raises(DataError, match="matches no files"):
+        load_runs(str(tmp_path / "*.parquet"))
+    with pytest.raises(DataError, match="holds no .parquet"):
+        load_runs(tmp_path)
+
+
+def test_unsorted_timestamps_are_sorted_with_a_warning(tmp_path):
+    f = synthetic_run()
+    path = write_run(f.reverse(), tmp_path, "rev")
+    with pytest.warns(DataWarning, match="not sorted"):
+        out = load_runs(path)
+    assert out["timestamp"].is_sorted()
+    np.testing.assert_array_equal(out["cpu_util_core_0"].to_numpy(), f["cpu_util_core_0"].to_numpy())
+
+
+def test_duplicated_timestamps_are_dropped_with_a_warning(tmp_path):
+    f = synthetic_run(n=50)
+    path = write_run(pl.concat([f, f.head(5)]).sort("timestamp"), tmp_path, "dup")
+    with pytest.warns(DataWarning, match="dropped 5 rows"):
+        out = load_runs(path)
+    assert out.height == 50
+
+
+def test_different_core_counts_are_an_error(tmp_path):
+    write_run(synthetic_run(cores=4), tmp_path, "a")
+    write_run(synthetic_run(cores=2), tmp_path, "b")
+    with pytest.raises(DataError, match="different core counts"):
+        load_runs(tmp_path)
+
+
+def test_unknown_extra_columns_are_ignored(tmp_path):
+    f = synthetic_run().with_columns(pl.lit("x").alias("gpu_fan"), pl.lit(3).alias("other"))
+    out = load_runs(write_run(f, tmp_path, "extra"))
+    assert "gpu_fan" not in out.columns and "other" not in out.columns
+
+
+def test_runs_are_named_by_file_and_kept_apart(tmp_path):
+    write_run(synthetic_run(n=30, workload="a"), tmp_path, "one")
+    write_run(synthetic_run(n=40, workload="b", t0=1.0), tmp_path, "two")
+    out = load_runs(tmp_path)
+    assert out.group_by("run").len().sort("run").rows() == [("one", 30), ("two", 40)]
+
+
+def test_seed_files_load_unchanged(seed_data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)  # the seed's files are out of order
+        out = load_runs(seed_data)
+    assert out.height == 6928
+    assert out["run"].n_unique() == 7
+
+
+@st.composite
+def valid_runs(draw):
+    n = draw(st.integers(1, 60))
+    cores = draw(st.integers(1, 8))
+    util = st.floats(0, 100, allow_nan=False, allow_infinity=False)
+    cols = {f"cpu_util_core_{i}": draw(st.lists(util, min_size=n, max_size=n)) for i in range(cores)}
+    start = draw(st.floats(0, 2e9, allow_nan=False))
+    steps = draw(st.lists(st.floats(0.01, 10), min_size=n, max_size=n))
+    return pl.DataFrame({
+        "timestamp": np.cumsum([start, *steps[1:]]),
+        "cpu_util_overall": draw(st.lists(util, min_size=n, max_size=n)),
+        **cols,
+        "workload_type": [draw(st.sampled_from(["cpu_bound", "idle", "x y"]))] * n,
+    })
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(run=valid_runs())
+def test_any_valid_run_round_trips(tmp_path, run):
+    path = write_run(run, tmp_path, "gen")
+    out = load_runs(path)
+    assert out.height == run.height
+    for col in run.columns:
+        if col != "workload_type":
+            np.testing.assert_array_equal(out[col].to_numpy(), run[col].to_numpy())
+    assert out["workload_type"].to_list() == run["workload_type"].to_list()

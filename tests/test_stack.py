@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.base import clone
+
+from conftest import FAST
+from cputwin import TwinStack
+from cputwin.errors import ModelError
+from helpers import synthetic_run
+
+# LightGBM that memorises its training rows: a row it trained on is predicted exactly.
+MEMORISE = {"objective": "regression", "n_estimators": 300, "learning_rate": 1.0,
+            "num_leaves": 255, "min_child_samples": 1, "min_child_weight": 0.0,
+            "min_split_gain": 0.0, "subsample": 1.0, "colsample_bytree": 1.0}
+
+
+def _noise_runs(n_runs=3, n=240, seed=0):
+    """Runs whose target core is pure noise: only memorisation can predict it."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for i in range(n_runs):
+        f = synthetic_run(n=n, cores=4, seed=seed + i, workload="w").with_columns(
+            pl.Series("cpu_util_core_0", rng.uniform(0, 100, n)), pl.lit(f"r{i}").alias("run"))
+        frames.append(f.select("run", pl.exclude("run")))
+    return pl.concat(frames)
+
+
+class LeakyStack(TwinStack):
+    """A stack whose first fold trains on one of the rows it predicts."""
+
+    def _fold_plan(self, *args):
+        plan = super()._fold_plan(*args)
+        leaked = plan[0]["predict"][:1]
+        plan[0]["train"] = np.union1d(plan[0]["train"], leaked)
+        return plan
+
+
+def _memorised_rows(stack, frame):
+    y = frame[stack.target].to_numpy()[stack.oof_index_]
+    return int((np.abs(stack.oof_predictions_ - y[:, None]) < 1e-3).any(axis=1).sum())
+
+
+def _memorising(cls):
+    return cls(base_params={"v2.0": MEMORISE, "v2.3": MEMORISE}, early_stopping_fraction=0)
+
+
+def test_no_out_of_fold_row_was_seen_by_its_base_model():
+    frame = _noise_runs()
+    assert _memorised_rows(_memorising(TwinStack).fit(frame), frame) == 0
+
+
+def test_the_leak_check_catches_a_single_leaked_row():
+    frame = _noise_runs()
+    assert _memorised_rows(_memorising(LeakyStack).fit(frame), frame) >= 1
+
+
+def test_fold_plan_is_forward_chaining_with_a_gap():
+    frame = _noise_runs()
+    stack = TwinStack(base_params=FAST, early_stopping_fraction=0).fit(frame)
+    runs = frame["run"].to_numpy()
+    pos = frame.select(pl.int_range(pl.len()).over("run"))[:, 0].to_numpy()
+    assert stack.gap_ >= stack.history_ == 29
+    for fold in stack.fold_plan_:
+        assert not np.intersect1d(fold["train"], fold["predict"]).size
+        for run in np.unique(runs):
+            tr = fold["train"][runs[fold["train"]] == run]
+            pr = fold["predict"][runs[fold["predict"]] == run]
+            if tr.size and pr.size:
+                # the history any predicted row reads ends after the last training row
+                assert pos[pr].min() - stack.history_ > pos[tr].max()
+                assert pos[pr].min() - pos[tr].max() > stack.gap_
+
+
+def test_meta_weights_intercept_and_params_are_exposed():
+    frame = _noise_runs()
+    stack = TwinStack(base_params=FAST, early_stopping_fraction=0).fit(frame)
+    assert set(stack.meta_weights_) == {"v2.0", "v2.3"}
+    assert isinstance(stack.meta_intercept_, float)
+    assert stack.get_params()["n_folds"] == 3
+    fresh = clone(stack)
+    assert not hasattr(fresh, "bases_")
+    assert fresh.get_params()["base_params"] == FAST
+
+
+def test_predict_is_nan_until_history_then_defined():
+    frame = _noise_runs(n_runs=1)
+    stack = TwinStack(base_params=FAST, early_stopping_fraction=0).fit(frame)
+    pred = stack.predict(frame)
+    assert np.isnan(pred[: stack.history_]).all()
+    assert np.isfinite(pred[stack.history_:]).all()
+
+
+def test_stack_learns_a_real_signal(sample_frame):
+    stack = TwinStack(base_params=FAST, target="cpu_util_core_1").fit(sample_frame)
+    assert stack.score(sample_frame) > 0.5
+
+
+@pytest.mark.parametrize(("params", "fragment"), [
+    ({"n_folds": 1}, "n_folds must be an int >= 2"),
+    ({"gap": -1}, "gap must be None or an int >= 0"),
+    ({"early_stopping_fraction": 0.7}, "early_stopping_fraction must be in"),
+    ({"feature_sets": ()}, "at least one feature set"),
+    ({"feature_sets": ("v2.0", "v2.0")}, "distinct names"),
+])
+def test_bad_parameters_are_rejected_in_fit(params, fragment):
+    with pytest.raises(ModelError, match=fragment):
+        TwinStack(**params).fit(_noise_runs(n_runs=1))
+
+
+def test_predict_before_fit_and_wrong_core_count():
+    with pytest.raises(ModelError, match="not fitted"):
+        TwinStack().predict(_noise_runs(n_runs=1))
+    stack = TwinStack(base_params=FAST, early_stopping_fraction=0).fit(_noise_runs(n_runs=1))
+    other = synthetic_run(cores=2).with_columns(pl.lit("x").alias("run"))
+    with pytest.raises(ModelError, match="trained on 4 cores, data has 2"):
+        stack.predict(other)
