@@ -78,13 +78,18 @@ def spinner(enabled: bool = True) -> Iterator:
 
 
 def _json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
-def _jsonable(x):
-    if isinstance(x, float) and math.isnan(x):
+def _finite(x):
+    """NaN (an undefined score) becomes null: strict JSON has no NaN."""
+    if isinstance(x, float) and not math.isfinite(x):
         return None
-    return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _fmt(v: float) -> str:

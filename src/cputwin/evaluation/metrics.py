@@ -9,8 +9,10 @@ from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 def scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     if y.size < 2:
         return {"r2": float("nan"), "mae": float("nan"), "rmse": float("nan"), "n": int(y.size)}
+    # R² is undefined on a flat target (a core pinned at 100%): report it as missing
+    r2 = float(r2_score(y, pred)) if np.ptp(y) > 0 else float("nan")
     return {
-        "r2": float(r2_score(y, pred)),
+        "r2": r2,
         "mae": float(mean_absolute_error(y, pred)),
         "rmse": float(np.sqrt(mean_squared_error(y, pred))),
         "n": int(y.size),

@@ -29,7 +29,8 @@ def _png(fig) -> str:
 
 def plot_over_time(pred: pl.DataFrame, title: str) -> str:
     runs = pred[RUN_COLUMN].unique(maintain_order=True).to_list()
-    fig, axes = plt.subplots(len(runs), 1, figsize=(11, 2.0 * len(runs)), squeeze=False)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(11, 2.0 * len(runs)), squeeze=False,
+                             layout="constrained")
     for ax, run in zip(axes[:, 0], runs, strict=True):
         part = pred.filter(pl.col(RUN_COLUMN) == run).sort(TIMESTAMP)
         t = part[TIMESTAMP].to_numpy() - part[TIMESTAMP][0]
