@@ -16,11 +16,11 @@ demo: $(STAMP)  ## the main job: train and evaluate honestly on the embedded sam
 	$(BIN)/cputwin demo
 
 test: $(STAMP)  ## lint, then the whole test suite
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) cputwin-demo .pytest_cache
