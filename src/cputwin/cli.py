@@ -67,14 +67,14 @@ def _show_warnings(caught) -> None:
 
 @contextmanager
 def spinner(enabled: bool = True) -> Iterator:
-    """A progress line on stderr; yields the callback the library reports steps to."""
+    """A progress bar on stderr; yields the (message, fraction) callback the library calls."""
     if not enabled or not err.is_terminal:
-        yield lambda _msg: None
+        yield lambda _msg, _frac: None
         return
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err,
-                  transient=True) as bar:
-        task = bar.add_task("starting")
-        yield lambda msg: bar.update(task, description=msg)
+    with Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=1.0)
+        yield lambda msg, frac: bar.update(task, description=msg, completed=frac)
 
 
 def _json(obj) -> None:
@@ -186,6 +186,25 @@ def predict(
         out.print(f"against the measured core: R² {s['r2']:.4f}, MAE {s['mae']:.3f}")
 
 
+def record_workloads(names: list[str], seconds: float, rate: float, out_dir: Path,
+                     announce: bool = True) -> list:
+    """Record each workload in turn, with a progress bar per run on stderr."""
+    from cputwin.telemetry.collector import Collector
+
+    collector = Collector(rate=rate)
+    results = []
+    with Progress(TextColumn("{task.description:>15}"), BarColumn(), TimeRemainingColumn(),
+                  console=err, disable=not err.is_terminal) as bar:
+        for name in names:
+            task = bar.add_task(name, total=1.0)
+            run = collector.record(name, seconds, out_dir,
+                                   tick=lambda f, t=task: bar.update(t, completed=f))
+            results.append(run)
+            if announce:
+                out.print(f"{run.path} ({run.rows} samples, median step {run.median_step:.4f} s)")
+    return results
+
+
 @app.command()
 def collect(
     workload: Annotated[str, typer.Option(help="A built-in workload, or 'all'.")] = "all",
@@ -195,21 +214,11 @@ def collect(
     as_json: JsonOpt = False,
 ) -> None:
     """Record labelled telemetry of this machine, one parquet file per workload."""
-    from cputwin.telemetry.collector import Collector, expand_workloads
+    from cputwin.telemetry.collector import expand_workloads
 
-    results = []
     with cli_errors():
-        names = expand_workloads(workload)
-        collector = Collector(rate=rate)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
-                      console=err, disable=not err.is_terminal) as bar:
-            for name in names:
-                task = bar.add_task(name, total=1.0)
-                run = collector.record(name, seconds, out_dir,
-                                       tick=lambda f, t=task: bar.update(t, completed=f))
-                results.append(run)
-                if not as_json:
-                    out.print(f"{run.path} ({run.rows} samples, median step {run.median_step:.4f} s)")
+        results = record_workloads(expand_workloads(workload), seconds, rate, out_dir,
+                                   announce=not as_json)
     if as_json:
         _json({"runs": [{"path": str(r.path), "rows": r.rows, "median_step_s": r.median_step}
                         for r in results]})
@@ -223,16 +232,13 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Train and evaluate honestly on the embedded sample (or, with --live, on this machine)."""
-    from cputwin.telemetry.collector import Collector, expand_workloads
+    from cputwin.telemetry.collector import expand_workloads
 
     with cli_errors():
         data = None
         if live:
             data = out_dir / "telemetry"
-            collector = Collector()
-            for name in expand_workloads("all"):
-                err.print(f"recording {name} for {seconds:g} s", highlight=False)
-                collector.record(name, seconds, data)
+            record_workloads(expand_workloads("all"), seconds, 10.0, data, announce=not as_json)
         from cputwin import pipeline
 
         with spinner() as progress:

@@ -24,7 +24,7 @@ from cputwin.models import TwinStack
 from cputwin.telemetry.ingest import load_runs, resolve_paths
 from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD
 
-Progress = Callable[[str], None]
+Progress = Callable[[str, float], None]
 PROTOCOLS = ("honest", "seed", "both")
 
 

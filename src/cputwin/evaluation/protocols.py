@@ -54,7 +54,7 @@ def evaluate_honest(
     target: str = "cpu_util_core_0",
     train_fraction: float = 0.8,
     stack: TwinStack | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, float], None] | None = None,
 ) -> tuple[Evaluation, TwinStack]:
     """Train on each run's past, score on its future."""
     is_train = split_in_time(frame, train_fraction).to_numpy()
@@ -98,10 +98,10 @@ def workload_mean_baseline(y_train: np.ndarray, wl_train: np.ndarray, wl_test: n
 def evaluate_seed(
     frame: pl.DataFrame,
     target: str = "cpu_util_core_0",
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, float], None] | None = None,
 ) -> Evaluation:
     """Reproduce the seed notebook exactly, and measure what it leaks."""
-    progress = progress or (lambda _: None)
+    progress = progress or (lambda _msg, _frac: None)
     merged = frame.sort(TIMESTAMP, maintain_order=True)
     run_of_row = merged[RUN_COLUMN].to_numpy()
     one = merged.with_columns(pl.lit("all").alias(RUN_COLUMN))
@@ -114,7 +114,7 @@ def evaluate_seed(
         rows = np.flatnonzero(mat.valid)  # the seed's dropna + reset_index
         frames[name] = (mat, rows)
         idx_tr, idx_te = train_test_split(np.arange(rows.size), **SEED_SPLIT)
-        progress(f"training {name} as the seed did")
+        progress(f"training {name} as the seed did", SEED_SETS.index(name) / len(SEED_SETS))
         X, y = mat.X[rows], y_all[rows]
         model = fit_lgbm(params_for(name), X[idx_tr], y[idx_tr], mat.names,
                          eval_set=(X[idx_te], y[idx_te]))

@@ -25,10 +25,10 @@ from cputwin.models.base import BaseModel, fit_lgbm, params_for
 from cputwin.telemetry.ingest import schema_of
 from cputwin.telemetry.schema import RUN_COLUMN, WORKLOAD, Schema
 
-Progress = Callable[[str], None]
+Progress = Callable[[str, float], None]  # (what is running, fraction of fit done)
 
 
-def _noop(_: str) -> None:
+def _noop(_: str, __: float) -> None:
     return None
 
 
@@ -91,10 +91,16 @@ class TwinStack(RegressorMixin, BaseEstimator):
         if not valid.any():
             raise ModelError("no training row has the history the feature sets need")
 
+        n_steps = len(self.specs_) * (self.n_folds + 1 + (self.early_stopping_fraction > 0))
+        done = iter(range(n_steps))
+
+        def step(message: str) -> None:
+            progress(message, next(done) / n_steps)
+
         params = {s.name: params_for(s.name, (self.base_params or {}).get(s.name)) for s in self.specs_}
         if self.early_stopping_fraction > 0:
             for spec, mat in zip(self.specs_, mats, strict=True):
-                progress(f"early stopping {spec.name}")
+                step(f"choosing rounds for {spec.name}")
                 params[spec.name]["n_estimators"] = self._rounds(
                     mat, target, valid, position, n_in_run, params[spec.name]
                 )
@@ -106,7 +112,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
         for j, (spec, mat) in enumerate(zip(self.specs_, mats, strict=True)):
             start = 0
             for k, fold in enumerate(self.fold_plan_):
-                progress(f"fold {k + 1}/{len(self.fold_plan_)} {spec.name}")
+                step(f"fold {k + 1}/{len(self.fold_plan_)} of {spec.name}")
                 model = fit_lgbm(params[spec.name], mat.X[fold["train"]], target[fold["train"]],
                                  mat.names)
                 n = fold["predict"].size
@@ -123,10 +129,11 @@ class TwinStack(RegressorMixin, BaseEstimator):
         self.bases_ = []
         rows = np.flatnonzero(valid)
         for spec, mat in zip(self.specs_, mats, strict=True):
-            progress(f"refit {spec.name}")
+            step(f"refitting {spec.name}")
             model = fit_lgbm(params[spec.name], mat.X[rows], target[rows], mat.names)
             self.bases_.append(BaseModel(spec.name, mat.names, model.booster_))
         self.n_train_rows_ = int(rows.size)
+        progress("fitted", 1.0)
         return self
 
     def _validate_params(self) -> None:
@@ -168,7 +175,12 @@ class TwinStack(RegressorMixin, BaseEstimator):
             if predict.size and train.size:
                 plan.append({"train": train, "predict": predict})
         if not plan:
-            raise ModelError("training period too short for out-of-fold stacking; give more rows")
+            need = int(np.ceil(first + self.gap_ + first / self.n_folds + 1))
+            raise ModelError(
+                f"training period too short for out-of-fold stacking: a run needs about {need} "
+                f"training rows ({self.n_folds} folds, {self.gap_}-sample gap), the longest has "
+                f"{int(n_in_run.max())}; record longer runs"
+            )
         return plan
 
     # -------------------------------------------------------------- predict
