@@ -35,7 +35,18 @@ err = Console(stderr=True, soft_wrap=True)
 
 DataArg = Annotated[list[str], typer.Argument(help="Parquet runs: files, folders or globs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, nothing else.")]
-TargetOpt = Annotated[str, typer.Option(help="Core column to twin.")]
+TargetOpt = Annotated[str, typer.Option(help="Core column to twin (evaluate: or 'all').")]
+BasesOpt = Annotated[str, typer.Option(
+    help="Base models: a preset (twin, seed, portable) or a comma-separated list of bases.")]
+ModeOpt = Annotated[str, typer.Option(
+    help="sensor: may read all but the target core; independent: nothing containing it.")]
+MetaOpt = Annotated[str | None, typer.Option(
+    help="Meta-model: auto, ridge, nnls, best, average, per_workload (default: ridge for "
+         "the seed preset, auto otherwise).")]
+
+
+def _bases(value: str) -> str | list[str]:
+    return value if "," not in value else [b.strip() for b in value.split(",") if b.strip()]
 
 
 @contextmanager
@@ -98,7 +109,8 @@ def _fmt(v: float) -> str:
 
 def render_summary(summary: dict) -> None:
     table = Table(title=f"{summary['protocol']} protocol · target {summary['target']} · "
-                        f"rows train {summary['rows']['train']}, test {summary['rows']['test']}")
+                        f"mode {summary.get('mode', 'sensor')} · rows train "
+                        f"{summary['rows']['train']}, test {summary['rows']['test']}")
     table.add_column("model")
     for col in ("R²", "MAE", "RMSE"):
         table.add_column(col, justify="right")
@@ -114,7 +126,8 @@ def render_summary(summary: dict) -> None:
         wl.add_row(name, *[_fmt(entry["r2"].get(m)) for m in models])
     out.print(wl)
     weights = " / ".join(f"{k} {v:.4f}" for k, v in summary["meta"]["weights"].items())
-    out.print(f"meta weights: {weights}; intercept {summary['meta']['intercept']:.4f}")
+    kind = summary["meta"].get("kind", "ridge")
+    out.print(f"meta-model {kind}: weights {weights}; intercept {summary['meta']['intercept']:.4f}")
     out.print(summary["verdict"], style="bold", highlight=False)
 
 
@@ -123,7 +136,12 @@ def evaluate(
     data: DataArg,
     protocol: Annotated[str, typer.Option(help="honest, seed, or both side by side.")] = "honest",
     target: TargetOpt = "cpu_util_core_0",
+    mode: ModeOpt = "sensor",
+    bases: BasesOpt = "twin",
+    meta: MetaOpt = None,
     train_fraction: Annotated[float, typer.Option(help="Share of each run that trains.")] = 0.8,
+    test: Annotated[list[str] | None, typer.Option(
+        help="Score on these runs (another machine) after training on all of DATA.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write an HTML report into this folder.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -131,12 +149,17 @@ def evaluate(
     with cli_errors(), spinner() as progress:
         from cputwin import pipeline
 
-        summary, _ = pipeline.evaluate(data, protocol, target, train_fraction, report, progress)
+        summary, _ = pipeline.evaluate(
+            data, protocol, target, train_fraction, report, progress,
+            bases=_bases(bases), mode=mode, meta=meta, test_data=test or None)
     if as_json:
         _json(summary)
         return
-    for s in ([summary["seed"], summary["honest"]] if protocol == "both" else [summary]):
-        render_summary(s)
+    if "targets" in summary:
+        render_targets(summary)
+    else:
+        for s in ([summary["seed"], summary["honest"]] if protocol == "both" else [summary]):
+            render_summary(s)
     if protocol == "both":
         out.print("leakage audit of the seed protocol (measured):")
         for k, v in summary["audit"].items():
@@ -145,24 +168,44 @@ def evaluate(
         out.print(f"report: {report / 'report.html'}")
 
 
+def render_targets(summary: dict) -> None:
+    first = next(iter(summary["targets"].values()))
+    table = Table(title=f"{first['protocol']} protocol · mode {first['mode']} · every core")
+    table.add_column("target")
+    models = list(first["r2"])
+    for m in models:
+        table.add_column(m, justify="right")
+    for name, s in summary["targets"].items():
+        table.add_row(name, *[_fmt(s["r2"][m]) for m in models])
+    out.print(table)
+    m = summary["mean"]
+    out.print(f"mean over {len(summary['targets'])} cores (stack): R² {m['r2']:.4f}, "
+              f"MAE {m['mae']:.3f}, RMSE {m['rmse']:.3f}")
+
+
 @app.command()
 def train(
     data: DataArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Twin file to write.")],
     target: TargetOpt = "cpu_util_core_0",
+    mode: ModeOpt = "sensor",
+    bases: BasesOpt = "twin",
+    meta: MetaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit a twin on all of DATA and save it as a pickle-free .cputwin file."""
     with cli_errors(), spinner() as progress:
         from cputwin import pipeline
 
-        result = pipeline.train(data, output, target, progress)
+        result = pipeline.train(data, output, target, progress, bases=_bases(bases), mode=mode,
+                                meta=meta)
     if as_json:
         _json(result)
         return
     oof = result["out_of_fold"]
-    out.print(f"twin written to {output} (target {target}, {result['rows']} rows)")
-    out.print("out-of-fold R²: " + ", ".join(f"{k} {v['r2']:.4f}" for k, v in oof.items()))
+    out.print(f"twin written to {output} (target {target}, mode {mode}, {result['rows']} rows, "
+              f"meta-model {result['meta']['kind']})")
+    out.print("out-of-fold R²: " + ", ".join(f"{k} {_fmt(v['r2'])}" for k, v in oof.items()))
 
 
 @app.command()
@@ -180,7 +223,8 @@ def predict(
     if as_json:
         _json(result)
         return
-    out.print(f"{result['predicted']} of {result['rows']} rows predicted → {output}")
+    out.print(f"{result['predicted']} of {result['rows']} rows predicted → {output} "
+              f"(target {result['target']}, mode {result['mode']})")
     if "scores" in result:
         s = result["scores"]
         out.print(f"against the measured core: R² {s['r2']:.4f}, MAE {s['mae']:.3f}")

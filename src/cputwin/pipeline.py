@@ -18,10 +18,15 @@ import polars as pl
 from cputwin.artifact import fingerprint, load_twin, save_twin
 from cputwin.errors import DataError
 from cputwin.evaluation.metrics import scores
-from cputwin.evaluation.protocols import Evaluation, evaluate_honest, evaluate_seed
+from cputwin.evaluation.protocols import (
+    Evaluation,
+    evaluate_honest,
+    evaluate_seed,
+    evaluate_transfer,
+)
 from cputwin.evaluation.report import write_report
 from cputwin.models import TwinStack
-from cputwin.telemetry.ingest import load_runs, resolve_paths
+from cputwin.telemetry.ingest import load_runs, resolve_paths, schema_of
 from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD
 
 Progress = Callable[[str, float], None]
@@ -33,6 +38,27 @@ def sample_path() -> Path:
     return Path(str(files("cputwin") / "data" / "sample"))
 
 
+def make_stack(
+    target: str = "cpu_util_core_0",
+    bases: str | list[str] = "twin",
+    mode: str = "sensor",
+    meta: str | None = None,
+) -> TwinStack:
+    """A stack as the CLI builds it: the seed's pair keeps the seed's RidgeCV meta-model,
+    any other set of bases lets the out-of-fold score choose (`auto`)."""
+    if meta is None:
+        meta = "ridge" if bases == "seed" else "auto"
+    return TwinStack(bases=bases, target=target, mode=mode, meta_model=meta)
+
+
+def targets_of(frame: pl.DataFrame, target: str) -> list[str]:
+    """`all` is every core of the data; anything else must be one of its cores."""
+    schema = schema_of(frame)
+    if target == "all":
+        return schema.core_columns
+    return [schema.check_target(target)]
+
+
 def evaluate(
     data: Any,
     protocol: str = "honest",
@@ -40,30 +66,55 @@ def evaluate(
     train_fraction: float = 0.8,
     report_dir: Path | None = None,
     progress: Progress | None = None,
+    *,
+    bases: str | list[str] = "twin",
+    mode: str = "sensor",
+    meta: str | None = None,
+    test_data: Any = None,
 ) -> tuple[dict[str, Any], list[Evaluation]]:
-    """Run one protocol (or both) and optionally write the HTML report.
+    """Run a protocol for one target or every core, optionally writing the HTML report.
 
-    Returns the JSON summary (for `both`, {"seed": ..., "honest": ..., "audit": ...}).
+    With `test_data`, the twin trains on all of `data` and is scored on all of
+    `test_data` (another machine): protocol "transfer".
+    Returns the JSON summary: one target's object; for `both`, {"seed", "honest",
+    "audit"}; for target `all`, {"targets": {...}, "mean": {"r2", "mae", "rmse"}}.
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     frame = load_runs(data)
-    from cputwin.telemetry.ingest import schema_of
-
-    schema_of(frame).check_target(target)
-    evaluations = []
-    if protocol in ("seed", "both"):
-        evaluations.append(evaluate_seed(frame, target=target, progress=progress))
-    if protocol in ("honest", "both"):
-        honest, _ = evaluate_honest(frame, target, train_fraction, progress=progress)
-        evaluations.append(honest)
+    test_frame = load_runs(test_data) if test_data is not None else None
+    targets = targets_of(frame, target)
+    if protocol != "honest" and (len(targets) > 1 or test_frame is not None):
+        raise DataError("--target all and --test use the honest protocol; drop --protocol")
+    summaries, evaluations = {}, []
+    for t in targets:
+        stack = make_stack(t, bases, mode, meta)
+        report = partial(progress, t) if progress and len(targets) > 1 else progress
+        if test_frame is not None:
+            ev, _ = evaluate_transfer(frame, test_frame, stack, report)
+            runs = [ev]
+        else:
+            runs = []
+            if protocol in ("seed", "both"):
+                runs.append(evaluate_seed(frame, target=t, progress=report))
+            if protocol in ("honest", "both"):
+                runs.append(evaluate_honest(frame, stack, train_fraction, report)[0])
+        evaluations += runs
+        summaries[t] = (
+            {**{e.summary["protocol"]: e.summary for e in runs}, "audit": runs[0].audit}
+            if protocol == "both" else runs[0].summary
+        )
     if report_dir is not None:
         write_report(Path(report_dir), evaluations, f"cputwin evaluation: {target}")
-    if protocol == "both":
-        summary = {e.summary["protocol"]: e.summary for e in evaluations}
-        summary["audit"] = evaluations[0].audit
-        return summary, evaluations
-    return evaluations[0].summary, evaluations
+    if len(targets) == 1:
+        return summaries[targets[0]], evaluations
+    mean = {m: float(np.mean([s[m]["stack"] for s in summaries.values()]))
+            for m in ("r2", "mae", "rmse")}
+    return {"targets": summaries, "mean": mean}, evaluations
+
+
+def partial(progress: Progress, label: str) -> Progress:
+    return lambda msg, frac: progress(f"{label}: {msg}", frac)
 
 
 def train(
@@ -71,26 +122,29 @@ def train(
     out: Path,
     target: str = "cpu_util_core_0",
     progress: Progress | None = None,
-    stack: TwinStack | None = None,
+    *,
+    bases: str | list[str] = "twin",
+    mode: str = "sensor",
+    meta: str | None = None,
 ) -> dict[str, Any]:
     """Fit a twin on all of `data` and save it; metrics are the out-of-fold scores."""
     paths = resolve_paths(data)
     frame = load_runs(paths)
-    stack = stack if stack is not None else TwinStack()
-    stack.set_params(target=target)
-    stack.fit(frame, progress=progress)
+    schema_of(frame).check_target(target)
+    stack = make_stack(target, bases, mode, meta).fit(frame, progress=progress)
     y = frame[target].to_numpy()[stack.oof_index_]
     oof = stack.oof_predictions_
-    stacked = stack.meta_intercept_ + oof @ np.array(list(stack.meta_weights_.values()))
+    stacked = stack.meta_.predict(oof, frame[WORKLOAD].to_numpy()[stack.oof_index_])
     metrics = {"out_of_fold": {
-        **{s.name: scores(y, oof[:, j]) for j, s in enumerate(stack.specs_)},
+        **{s.name: scores(y, oof[:, j]) for j, s in enumerate(stack.base_specs_)},
         "stack": scores(y, stacked),
     }}
     training = {"fingerprint": fingerprint(paths), "rows": frame.height,
                 "runs": frame[RUN_COLUMN].n_unique()}
     save_twin(stack, Path(out), training=training, metrics=metrics)
-    return {"twin": str(out), "target": target, "rows": frame.height, **metrics,
-            "meta": {"weights": stack.meta_weights_, "intercept": stack.meta_intercept_}}
+    return {"twin": str(out), "target": target, "mode": mode, "rows": frame.height, **metrics,
+            "meta": {"kind": stack.meta_.kind, "weights": stack.meta_weights_,
+                     "intercept": stack.meta_intercept_}}
 
 
 def predict(twin: Path, data: Any, out: Path) -> dict[str, Any]:
@@ -98,7 +152,7 @@ def predict(twin: Path, data: Any, out: Path) -> dict[str, Any]:
     stack, _ = load_twin(Path(twin))
     frame = load_runs(data)
     bases, valid = stack.predict_bases(frame)
-    pred = stack.combine(bases)
+    pred = stack.combine(bases, frame[WORKLOAD].to_numpy())
     table = frame.select(RUN_COLUMN, TIMESTAMP, WORKLOAD, pl.col(stack.target).alias("actual"))
     table = table.with_columns(
         *[pl.Series(name, p) for name, p in bases.items()],
@@ -110,7 +164,8 @@ def predict(twin: Path, data: Any, out: Path) -> dict[str, Any]:
     table.write_parquet(tmp)
     tmp.replace(out)
     ok = valid
-    result = {"predictions": str(out), "rows": frame.height, "predicted": int(ok.sum())}
+    result = {"predictions": str(out), "target": stack.target, "mode": stack.mode,
+              "rows": frame.height, "predicted": int(ok.sum())}
     if ok.sum() >= 2:
         result["scores"] = scores(frame[stack.target].to_numpy()[ok], pred[ok])
     return result

@@ -11,6 +11,7 @@ seed:   the seed notebook's exact procedure, flaws included, so its table can be
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from cputwin.evaluation.metrics import score_table, verdict
 from cputwin.features import build_features, get_spec
 from cputwin.models import TwinStack
 from cputwin.models.base import fit_lgbm, params_for
+from cputwin.telemetry.ingest import schema_of
 from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD
 
 SEED_SETS = ("v2.0", "v2.3")
@@ -51,41 +53,77 @@ def split_in_time(frame: pl.DataFrame, train_fraction: float) -> pl.Series:
 
 def evaluate_honest(
     frame: pl.DataFrame,
-    target: str = "cpu_util_core_0",
+    stack: TwinStack,
     train_fraction: float = 0.8,
-    stack: TwinStack | None = None,
     progress: Callable[[str, float], None] | None = None,
 ) -> tuple[Evaluation, TwinStack]:
     """Train on each run's past, score on its future."""
     is_train = split_in_time(frame, train_fraction).to_numpy()
-    stack = stack if stack is not None else TwinStack(target=target)
-    stack.set_params(target=target)
+    started = time.perf_counter()
     stack.fit(frame.filter(pl.Series(is_train)), progress=progress)
+    seconds = time.perf_counter() - started
+    evaluation = score_stack(stack, frame, ~is_train, frame.filter(pl.Series(is_train)))
+    evaluation.summary.update(protocol="honest", train_fraction=train_fraction,
+                              training_seconds=round(seconds, 2))
+    return evaluation, stack
+
+
+def evaluate_transfer(
+    train: pl.DataFrame,
+    test: pl.DataFrame,
+    stack: TwinStack,
+    progress: Callable[[str, float], None] | None = None,
+) -> tuple[Evaluation, TwinStack]:
+    """Train on all of one dataset (one machine), score on all of another."""
+    started = time.perf_counter()
+    stack.fit(train, progress=progress)
+    seconds = time.perf_counter() - started
+    evaluation = score_stack(stack, test, np.ones(test.height, bool), train)
+    evaluation.summary.update(protocol="transfer", training_seconds=round(seconds, 2),
+                              machines={"train_cores": stack.schema_.n_cores,
+                                        "test_cores": schema_of(test).n_cores})
+    return evaluation, stack
+
+
+def score_stack(stack: TwinStack, frame: pl.DataFrame, candidate: np.ndarray,
+                train: pl.DataFrame) -> Evaluation:
+    """Score every base, their average, the stack and a per-workload-mean baseline on the
+    `candidate` rows of `frame` that have full history."""
+    target = stack.target
     bases, valid = stack.predict_bases(frame)
-    test = ~is_train & valid
+    test = candidate & valid
     if test.sum() < 2:
         raise DataError("too few test rows: give longer runs or a smaller --train-fraction")
     y = frame[target].to_numpy()
     wl = frame[WORKLOAD].to_numpy()
     preds = {name: p[test] for name, p in bases.items()}
     preds["average"] = np.mean(np.column_stack(list(preds.values())), axis=1)
-    preds["stack"] = stack.combine({n: bases[n][test] for n in bases})
-    preds["workload_mean"] = workload_mean_baseline(y[is_train & valid], wl[is_train & valid], wl[test])
+    preds["stack"] = stack.combine({n: bases[n][test] for n in bases}, wl[test])
+    preds["workload_mean"] = workload_mean_baseline(
+        train[target].to_numpy(), train[WORKLOAD].to_numpy(), wl[test])
     table = score_table({n: y[test] for n in preds}, preds, {n: wl[test] for n in preds})
+    meta = {"kind": stack.meta_.kind, "weights": stack.meta_weights_,
+            "intercept": stack.meta_intercept_}
+    if len(stack.meta_.weights) > 1:
+        meta["per_workload"] = {g: dict(zip(stack.meta_.names, map(float, w), strict=True))
+                                for g, w in stack.meta_.weights.items() if g != "*"}
+    if stack.meta_scores_:
+        meta["out_of_fold_sse"] = stack.meta_scores_
     summary = {
-        "protocol": "honest",
+        "protocol": None,
         "target": target,
-        "train_fraction": train_fraction,
+        "mode": stack.mode,
+        "bases": [b.name for b in stack.base_specs_],
         "rows": {"train": stack.n_train_rows_, "test": int(test.sum())},
         **table,
-        "meta": {"weights": stack.meta_weights_, "intercept": stack.meta_intercept_},
+        "meta": meta,
         "verdict": verdict(table["r2"]["stack"]),
     }
     rows = frame.filter(pl.Series(test)).select(RUN_COLUMN, TIMESTAMP, WORKLOAD)
     predictions = rows.with_columns(
         pl.Series("actual", y[test]), *[pl.Series(n, p) for n, p in preds.items()]
     )
-    return Evaluation(summary=summary, predictions=predictions), stack
+    return Evaluation(summary=summary, predictions=predictions)
 
 
 def workload_mean_baseline(y_train: np.ndarray, wl_train: np.ndarray, wl_test: np.ndarray) -> np.ndarray:
@@ -152,6 +190,8 @@ def evaluate_seed(
     summary = {
         "protocol": "seed",
         "target": target,
+        "mode": "sensor",
+        "bases": list(SEED_SETS),
         "rows": {"train": int(pos_tr.size), "test": int(pos_te.size)},
         **table,
         "meta": {"weights": dict(zip(SEED_SETS, map(float, meta.coef_), strict=True)),

@@ -17,8 +17,6 @@ import polars as pl  # noqa: E402
 from cputwin.evaluation.protocols import Evaluation  # noqa: E402
 from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD  # noqa: E402
 
-MODEL_ORDER = ("v2.0", "v2.3", "average", "stack", "workload_mean")
-
 
 def _png(fig) -> str:
     buf = io.BytesIO()
@@ -64,8 +62,8 @@ def plot_residuals(pred: pl.DataFrame, title: str) -> str:
 
 def plot_r2_per_workload(summary: dict, title: str) -> str:
     wls = list(summary["per_workload"])
-    models = [m for m in MODEL_ORDER if m in summary["r2"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    models = list(summary["r2"])
+    fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(models)
     for i, m in enumerate(models):
         vals = [max(summary["per_workload"][w]["r2"].get(m, np.nan), -1.0) for w in wls]
@@ -82,12 +80,13 @@ def metrics_table(summary: dict) -> str:
     rows = "".join(
         f"<tr><td>{m}</td><td>{summary['r2'][m]:.4f}</td><td>{summary['mae'][m]:.3f}</td>"
         f"<td>{summary['rmse'][m]:.3f}</td></tr>"
-        for m in MODEL_ORDER if m in summary["r2"]
+        for m in summary["r2"]
     )
     w = summary["meta"]["weights"]
     weights = ", ".join(f"{k} {v:.4f}" for k, v in w.items())
     return (
         f"<p>protocol <b>{summary['protocol']}</b>, target <code>{summary['target']}</code>, "
+        f"mode <b>{summary.get('mode', 'sensor')}</b>, meta-model {summary['meta'].get('kind', 'ridge')}, "
         f"rows train {summary['rows']['train']}, test {summary['rows']['test']}</p>"
         "<table><tr><th>model</th><th>R²</th><th>MAE</th><th>RMSE</th></tr>"
         f"{rows}</table><p>meta weights: {weights}; intercept "
@@ -97,7 +96,7 @@ def metrics_table(summary: dict) -> str:
 
 def section(ev: Evaluation) -> str:
     s = ev.summary
-    name = s["protocol"]
+    name = f"{s['protocol']} · {s['target']}"
     imgs = [
         plot_over_time(ev.predictions, f"{name}: actual and twin over each run's test rows"),
         plot_scatter(ev.predictions, f"{name}: twin vs actual"),
@@ -105,7 +104,7 @@ def section(ev: Evaluation) -> str:
         plot_r2_per_workload(s, f"{name}: R² per workload"),
     ]
     tags = "".join(f'<img alt="plot" src="data:image/png;base64,{b}">' for b in imgs)
-    return f"<section><h2>{name} protocol</h2>{metrics_table(s)}{tags}</section>"
+    return f"<section><h2>{html.escape(name)}</h2>{metrics_table(s)}{tags}</section>"
 
 
 def explain_difference(seed: Evaluation, honest: Evaluation) -> str:

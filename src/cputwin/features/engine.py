@@ -46,10 +46,47 @@ class FeatureMatrix:
         return self.X.shape[0]
 
 
+PHYSICS_COLUMNS = ("physics_estimate", "physics_clipped")
+STATS_COLUMNS = ("others_mean", "others_std", "others_min", "others_max")
+
+
 def resolve_group(group: str, target: str, cores: list[str]) -> list[str]:
+    """The columns a group stands for, for this target on this machine."""
     if group == "overall":
         return [OVERALL]
+    if group == "physics":
+        return list(PHYSICS_COLUMNS)
+    if group == "others_stats":
+        return list(STATS_COLUMNS)
     return [c for c in cores if c != target]
+
+
+def derived_names(spec: FeatureSpec) -> list[str]:
+    """The derived columns a spec reads (lags and windows are taken of these)."""
+    groups = spec.groups
+    return [*(PHYSICS_COLUMNS if "physics" in groups else ()),
+            *(STATS_COLUMNS if "others_stats" in groups else ())]
+
+
+def derived_columns(target: str, cores: list[str]) -> dict[str, pl.Expr]:
+    """Columns computed from one sample: the physics estimate and the other cores' stats.
+
+    The overall load is (close to) the mean of all N cores, so N × overall − Σ others
+    estimates the target from what the machine reports without it.
+    """
+    others = [c for c in cores if c != target]
+    total = pl.sum_horizontal(others) if others else pl.lit(0.0)
+    physics = len(cores) * pl.col(OVERALL) - total
+    values = pl.concat_list(others) if others else None
+    zero = pl.lit(0.0)
+    return {
+        "physics_estimate": physics,
+        "physics_clipped": physics.clip(0.0, 100.0),
+        "others_mean": values.list.mean() if others else zero,
+        "others_std": values.list.std(ddof=0) if others else zero,
+        "others_min": values.list.min() if others else zero,
+        "others_max": values.list.max() if others else zero,
+    }
 
 
 def compile_spec(
@@ -104,9 +141,14 @@ def build_features(
     compiled = compile_spec(spec, target, cores, workloads)
     warn_unseen_workloads(frame, workloads, spec)
     position = pl.int_range(pl.len()).over(RUN_COLUMN).alias("position")
-    out = frame.lazy().select(
-        pl.col(RUN_COLUMN), pl.col(TIMESTAMP), pl.col(WORKLOAD), position, *compiled.exprs
-    ).collect()
+    derived = derived_columns(target, cores)
+    needed = [derived[c].cast(pl.Float64).alias(c) for c in derived_names(spec)]
+    out = (
+        frame.lazy()
+        .with_columns(needed)
+        .select(pl.col(RUN_COLUMN), pl.col(TIMESTAMP), pl.col(WORKLOAD), position, *compiled.exprs)
+        .collect()
+    )
     X = out.select(compiled.names).to_numpy() if compiled.names else np.empty((out.height, 0))
     valid = (out["position"] >= spec.history).to_numpy()
     keys = out.select(RUN_COLUMN, TIMESTAMP, WORKLOAD, "position")

@@ -11,7 +11,7 @@ import pandas as pd
 
 from cputwin.features.engine import resolve_group
 from cputwin.features.spec import FeatureSpec
-from cputwin.telemetry.schema import RUN_COLUMN, WORKLOAD, core_columns_in
+from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, WORKLOAD, core_columns_in
 
 
 def _window(values: pd.Series, w: int, stat: str) -> np.ndarray:
@@ -28,11 +28,27 @@ def _window(values: pd.Series, w: int, stat: str) -> np.ndarray:
     return out
 
 
+def reference_derived(df: pd.DataFrame, target: str, cores: list[str]) -> dict[str, np.ndarray]:
+    others = df[[c for c in cores if c != target]].to_numpy(dtype=float)
+    physics = len(cores) * df[OVERALL].to_numpy(dtype=float) - others.sum(axis=1)
+    empty = others.shape[1] == 0
+    stat = (lambda f: np.zeros(len(df))) if empty else (lambda f: f(others, axis=1))
+    return {
+        "physics_estimate": physics,
+        "physics_clipped": np.clip(physics, 0.0, 100.0),
+        "others_mean": stat(np.mean),
+        "others_std": stat(np.std),
+        "others_min": stat(np.min),
+        "others_max": stat(np.max),
+    }
+
+
 def reference_features(
     df: pd.DataFrame, spec: FeatureSpec, target: str, workloads: list[str]
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Features (same names as the engine's) and the valid-row mask, row for row."""
     cores = core_columns_in(list(df.columns))
+    df = df.assign(**reference_derived(df, target, cores))
     by_run = df.groupby(RUN_COLUMN, sort=False)
     cols: dict[str, pd.Series] = {}
     for group in spec.current:

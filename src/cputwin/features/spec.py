@@ -5,20 +5,30 @@ the target and the machine's core count when compiled, so one spec serves any
 target core on any machine. Feature names are derived from the spec and become the
 model's input schema.
 
-Groups:
-    overall      cpu_util_overall
-    other_cores  every cpu_util_core_<i> except the target
+Groups (those marked * carry the target's own signal, see `TARGET_CARRYING`):
+    overall*       cpu_util_overall, which averages every core, the target included
+    physics*       N × overall − Σ other cores: the overall load's estimate of the target
+                   (as is, and clipped to [0, 100])
+    other_cores    every cpu_util_core_<i> except the target (one column per core)
+    others_stats   mean, std, min, max of the other cores (independent of core count)
+
+Modes: a `sensor` twin stands in for a missing sensor and may read anything measured
+except the target core; an `independent` twin (for anomaly detection) may not read
+anything that contains the target, so its specs drop the target-carrying groups.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cputwin.errors import FeatureError
 
-GROUPS = ("overall", "other_cores")
+GROUPS = ("overall", "physics", "other_cores", "others_stats")
+TARGET_CARRYING = frozenset({"overall", "physics"})
+PORTABLE_GROUPS = frozenset({"overall", "physics", "others_stats"})
 WINDOW_STATS = ("mean", "std")
+MODES = ("sensor", "independent")
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,29 @@ class FeatureSpec:
         need += [w - 1 for wins in self.windows.values() for w, _ in wins]
         return max(need)
 
+    @property
+    def groups(self) -> set[str]:
+        return {*self.current, *self.lags, *self.windows}
+
+    @property
+    def portable(self) -> bool:
+        """True when the columns do not depend on the machine's core count."""
+        return self.groups <= PORTABLE_GROUPS
+
+    def for_mode(self, mode: str) -> FeatureSpec:
+        """The spec as a twin of this mode may use it (independent: no target-carrying group)."""
+        if mode not in MODES:
+            raise FeatureError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "sensor":
+            return self
+        keep = [g for g in GROUPS if g not in TARGET_CARRYING]
+        return replace(
+            self,
+            current=tuple(g for g in self.current if g in keep),
+            lags={g: v for g, v in self.lags.items() if g in keep},
+            windows={g: v for g, v in self.windows.items() if g in keep},
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -95,18 +128,38 @@ class FeatureSpec:
 # the other cores now, the other cores' lags, the workload. The seed also computed overall
 # lags and rolling statistics but never fed them to the model; only the rows it dropped
 # for them survive, as min_history.
-V2_0 = FeatureSpec(
-    name="v2.0",
-    lags={"other_cores": (1, 2, 3, 4, 5)},
-    min_history=9,
-)
-V2_3 = FeatureSpec(
-    name="v2.3",
-    lags={"other_cores": tuple(range(1, 11))},
-    min_history=29,
+V2_0 = FeatureSpec(name="v2.0", lags={"other_cores": (1, 2, 3, 4, 5)}, min_history=9)
+V2_3 = FeatureSpec(name="v2.3", lags={"other_cores": tuple(range(1, 11))}, min_history=29)
+
+# The physics estimate with its short history: what a linear model can use well.
+PHYSICS = FeatureSpec(
+    name="physics",
+    current=("physics", "others_stats"),
+    lags={"physics": (1, 2, 3, 4, 5), "others_stats": (1, 2)},
+    windows={"physics": ((3, "mean"), (5, "mean"), (10, "mean"))},
 )
 
-BUILTIN_SPECS: dict[str, FeatureSpec] = {s.name: s for s in (V2_0, V2_3)}
+# Everything measured honestly, for gradient boosting.
+RICH = FeatureSpec(
+    name="rich",
+    current=("overall", "physics", "other_cores", "others_stats"),
+    lags={"overall": (1, 2, 3, 4, 5), "physics": (1, 2, 3, 4, 5),
+          "other_cores": (1, 2, 3), "others_stats": (1, 2, 3, 4, 5)},
+    windows={"overall": ((3, "mean"), (5, "mean"), (10, "mean"), (30, "mean")),
+             "physics": ((3, "mean"), (5, "mean"), (10, "mean"), (30, "mean"),
+                         (5, "std"), (10, "std")),
+             "others_stats": ((5, "mean"), (10, "mean"), (30, "mean"))},
+)
+
+# RICH without per-core columns: the same columns on a machine of any core count.
+PORTABLE = FeatureSpec(
+    name="portable",
+    current=("overall", "physics", "others_stats"),
+    lags={"overall": (1, 2, 3, 4, 5), "physics": (1, 2, 3, 4, 5), "others_stats": (1, 2, 3, 4, 5)},
+    windows=RICH.windows,
+)
+
+BUILTIN_SPECS: dict[str, FeatureSpec] = {s.name: s for s in (V2_0, V2_3, PHYSICS, RICH, PORTABLE)}
 
 
 def get_spec(name: str) -> FeatureSpec:

@@ -1,6 +1,6 @@
 """Models: LightGBM base models (one per feature set) and the time-ordered stack."""
 
-from cputwin.models.base import SEED_PARAMS, BaseModel
+from cputwin.models.base import BUILTIN_BASES, PRESETS, SEED_PARAMS, BaseModel, BaseSpec
 from cputwin.models.stack import TwinStack
 
-__all__ = ["SEED_PARAMS", "BaseModel", "TwinStack"]
+__all__ = ["BUILTIN_BASES", "PRESETS", "SEED_PARAMS", "BaseModel", "BaseSpec", "TwinStack"]

@@ -1,21 +1,27 @@
-"""LightGBM base models with the seed's hyperparameters (LINEAGE.md).
+"""Base models: a feature spec plus a learner (LightGBM, or a ridge line).
 
 Training goes through LightGBM's scikit-learn wrapper; what is kept is the native
-`Booster`, whose text form (`model_to_string`) is the persisted, pickle-free model.
+`Booster`, whose text form (`model_to_string`) is the persisted, pickle-free model. A
+linear base keeps its coefficients as numbers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import lightgbm as lgb
 import numpy as np
+from sklearn.linear_model import RidgeCV
+
+from cputwin.errors import ModelError
+from cputwin.features.spec import FeatureSpec, get_spec
 
 # Early stopping always names its metric: in LightGBM 4.7 'r2' is a real metric that
 # is maximised by stopping at iteration 1, which silently ruins the seed's V2.3 call.
 EARLY_STOPPING_METRIC = "l1"
 EARLY_STOPPING_ROUNDS = 100
+LEARNERS = ("lgbm", "linear")
 
 SEED_PARAMS: dict[str, dict[str, Any]] = {
     "v2.0": dict(
@@ -28,14 +34,89 @@ SEED_PARAMS: dict[str, dict[str, Any]] = {
         random_state=42, n_jobs=-1,
     ),
 }
+_BOOSTED = dict(n_estimators=600, learning_rate=0.03, subsample=0.8, subsample_freq=1,
+                colsample_bytree=0.8, random_state=42, n_jobs=-1)
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """One base model: its name, its features, its learner and the learner's parameters."""
+
+    name: str
+    features: FeatureSpec
+    learner: str = "lgbm"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.learner not in LEARNERS:
+            raise ModelError(f"base {self.name!r}: learner must be one of {LEARNERS}, "
+                             f"got {self.learner!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "features": self.features.to_dict(),
+                "learner": self.learner, "params": self.params}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BaseSpec:
+        return cls(data["name"], FeatureSpec.from_dict(data["features"]), data["learner"],
+                   dict(data["params"]))
+
+
+BUILTIN_BASES: dict[str, BaseSpec] = {b.name: b for b in (
+    BaseSpec("v2.0", get_spec("v2.0"), "lgbm", SEED_PARAMS["v2.0"]),
+    BaseSpec("v2.3", get_spec("v2.3"), "lgbm", SEED_PARAMS["v2.3"]),
+    BaseSpec("physics_linear", get_spec("physics"), "linear"),
+    BaseSpec("gbm_l2", get_spec("rich"), "lgbm", dict(_BOOSTED, objective="regression",
+                                                       num_leaves=15)),
+    BaseSpec("gbm_l1", get_spec("rich"), "lgbm", dict(_BOOSTED, objective="regression_l1",
+                                                       num_leaves=31, random_state=7)),
+    BaseSpec("gbm_portable", get_spec("portable"), "lgbm", dict(_BOOSTED, objective="regression",
+                                                                num_leaves=15)),
+    BaseSpec("portable_linear", get_spec("portable"), "linear"),
+)}
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "seed": ("v2.0", "v2.3"),
+    "twin": ("v2.0", "v2.3", "physics_linear", "gbm_l2", "gbm_l1"),
+    "portable": ("physics_linear", "gbm_portable", "portable_linear"),
+}
+
+
+def get_base(name: str | BaseSpec) -> BaseSpec:
+    if isinstance(name, BaseSpec):
+        return name
+    try:
+        return BUILTIN_BASES[name]
+    except KeyError:
+        raise ModelError(
+            f"unknown base model {name!r}; built in: {', '.join(BUILTIN_BASES)}"
+        ) from None
+
+
+def resolve_bases(bases: str | tuple | list) -> list[BaseSpec]:
+    """A preset name, or a list of base names / BaseSpec objects."""
+    if isinstance(bases, str):
+        if bases not in PRESETS:
+            raise ModelError(f"unknown preset {bases!r}; presets: {', '.join(PRESETS)}")
+        bases = PRESETS[bases]
+    return [get_base(b) for b in bases]
 
 
 def params_for(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The seed's parameters for a feature set (v2.0's for others), with overrides on top."""
+    """The seed's LightGBM parameters for a seed set, with overrides on top."""
     params = dict(SEED_PARAMS.get(name, SEED_PARAMS["v2.0"]))
     params.update(overrides or {})
     params.setdefault("verbose", -1)
     return params
+
+
+class FittedBase(Protocol):
+    feature_set: str
+    feature_names: list[str]
+
+    def predict(self, X: np.ndarray) -> np.ndarray: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -51,15 +132,37 @@ class BaseModel:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "learner": "lgbm",
             "feature_set": self.feature_set,
             "feature_names": self.feature_names,
             "lightgbm_model": self.booster.model_to_string(),
         }
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BaseModel:
-        booster = lgb.Booster(model_str=data["lightgbm_model"])
-        return cls(data["feature_set"], list(data["feature_names"]), booster)
+
+@dataclass
+class LinearModel:
+    """A fitted ridge line: prediction = intercept + X · coef."""
+
+    feature_set: str
+    feature_names: list[str]
+    coef: np.ndarray
+    intercept: float
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.intercept + X @ self.coef
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"learner": "linear", "feature_set": self.feature_set,
+                "feature_names": self.feature_names, "coef": self.coef.tolist(),
+                "intercept": self.intercept}
+
+
+def base_from_dict(data: dict[str, Any]) -> FittedBase:
+    if data.get("learner", "lgbm") == "linear":
+        return LinearModel(data["feature_set"], list(data["feature_names"]),
+                           np.asarray(data["coef"], dtype=float), float(data["intercept"]))
+    booster = lgb.Booster(model_str=data["lightgbm_model"])
+    return BaseModel(data["feature_set"], list(data["feature_names"]), booster)
 
 
 def fit_lgbm(
@@ -80,3 +183,26 @@ def fit_lgbm(
             callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)],
         )
     return model
+
+
+def fit_linear(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ridge on standardised columns (alpha by leave-one-out), returned on the raw scale."""
+    mean, scale = X.mean(axis=0), X.std(axis=0)
+    scale[scale == 0] = 1.0
+    model = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit((X - mean) / scale, y)
+    coef = model.coef_ / scale
+    return coef, float(model.intercept_ - mean @ coef)
+
+
+def fit_base(
+    spec: BaseSpec,
+    params: dict[str, Any],
+    X: np.ndarray,
+    y: np.ndarray,
+    feature_names: list[str],
+) -> FittedBase:
+    if spec.learner == "linear":
+        coef, intercept = fit_linear(X, y)
+        return LinearModel(spec.name, feature_names, coef, intercept)
+    model = fit_lgbm(params, X, y, feature_names)
+    return BaseModel(spec.name, feature_names, model.booster_)

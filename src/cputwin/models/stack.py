@@ -15,13 +15,22 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from sklearn.base import BaseEstimator, RegressorMixin, clone
-from sklearn.linear_model import RidgeCV
+from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.metrics import r2_score
 
 from cputwin.errors import ModelError
-from cputwin.features import FeatureMatrix, FeatureSpec, build_features, get_spec
-from cputwin.models.base import BaseModel, fit_lgbm, params_for
+from cputwin.features import FeatureMatrix, build_features
+from cputwin.features.spec import MODES
+from cputwin.models.base import (
+    BaseSpec,
+    FittedBase,
+    base_from_dict,
+    fit_base,
+    fit_lgbm,
+    params_for,
+    resolve_bases,
+)
+from cputwin.models.meta import META_KINDS, LinearMeta, choose_meta, fit_meta
 from cputwin.telemetry.ingest import schema_of
 from cputwin.telemetry.schema import RUN_COLUMN, WORKLOAD, Schema
 
@@ -37,30 +46,44 @@ class TwinStack(RegressorMixin, BaseEstimator):
 
     Parameters
     ----------
-    feature_sets : names of built-in specs or `FeatureSpec` objects, one base model each.
+    bases : a preset ("seed", "twin", "portable") or a list of built-in base names /
+        `BaseSpec` objects, one base model each. The default is the seed's two sets.
     target : the core column to twin.
+    mode : "sensor" (may read everything but the target core) or "independent" (may read
+        nothing that contains the target: no overall load, no physics estimate).
     n_folds : forward-chaining folds that produce the meta-model's training rows.
+    first_fold_fraction : share of each run's training period that only trains (the first
+        fold's training window); the rest is cut into `n_folds` blocks, each predicted by
+        bases trained on everything before it. Large enough that fold models resemble
+        the final ones, so the meta-model does not learn to favour bases that merely
+        cope better with little data.
     gap : samples between a fold's training rows and the rows it predicts; None means
         the longest history any feature set needs.
     early_stopping_fraction : tail of each run's training period used once to choose
-        the number of boosting rounds (l1, patience 100); 0 keeps the seed's counts.
-    base_params : feature-set name -> LightGBM parameters overriding the seed's.
-    meta_model : a scikit-learn regressor; None means a fresh `RidgeCV()`.
+        each LightGBM base's number of rounds (l1, patience 100); 0 keeps the set counts.
+    base_params : base name -> LightGBM parameters overriding the built-in ones.
+    meta_model : "ridge" (RidgeCV, the seed's), "nnls", "best", "average",
+        "per_workload", "auto" (chosen by out-of-fold score), or a scikit-learn linear
+        regressor (cloned in fit).
     """
 
     def __init__(
         self,
-        feature_sets: Sequence[str | FeatureSpec] = ("v2.0", "v2.3"),
+        bases: str | Sequence[str | BaseSpec] = ("v2.0", "v2.3"),
         target: str = "cpu_util_core_0",
+        mode: str = "sensor",
         n_folds: int = 3,
+        first_fold_fraction: float = 0.5,
         gap: int | None = None,
         early_stopping_fraction: float = 0.15,
         base_params: dict[str, dict[str, Any]] | None = None,
-        meta_model: Any = None,
+        meta_model: Any = "ridge",
     ) -> None:
-        self.feature_sets = feature_sets
+        self.bases = bases
         self.target = target
+        self.mode = mode
         self.n_folds = n_folds
+        self.first_fold_fraction = first_fold_fraction
         self.gap = gap
         self.early_stopping_fraction = early_stopping_fraction
         self.base_params = base_params
@@ -75,68 +98,93 @@ class TwinStack(RegressorMixin, BaseEstimator):
         self.schema_ = schema_of(frame)
         self.schema_.check_target(self.target)
         self.workloads_ = sorted(frame[WORKLOAD].unique().to_list())
-        self.specs_ = [s if isinstance(s, FeatureSpec) else get_spec(s) for s in self.feature_sets]
-        names = [s.name for s in self.specs_]
+        self.base_specs_ = [
+            BaseSpec(b.name, b.features.for_mode(self.mode), b.learner, b.params)
+            for b in resolve_bases(self.bases)
+        ]
+        names = [b.name for b in self.base_specs_]
         if len(set(names)) != len(names):
-            raise ModelError(f"feature_sets must have distinct names, got {names}")
+            raise ModelError(f"bases must have distinct names, got {names}")
         mats = self._features(frame)
         valid = np.logical_and.reduce([m.valid for m in mats])
         target = frame[self.target].to_numpy()
         position = mats[0].keys["position"].to_numpy()
-        run_length = frame.group_by(RUN_COLUMN).len().rename({"len": "n"})
-        n_in_run = frame.select(RUN_COLUMN).join(run_length, on=RUN_COLUMN, how="left")["n"]
-        n_in_run = n_in_run.to_numpy()
-        self.history_ = max(s.history for s in self.specs_)
+        n_in_run = frame.select(pl.len().over(RUN_COLUMN))[:, 0].to_numpy()
+        workloads = frame[WORKLOAD].to_numpy()
+        self.history_ = max(b.features.history for b in self.base_specs_)
         self.gap_ = self.history_ if self.gap is None else int(self.gap)
         if not valid.any():
             raise ModelError("no training row has the history the feature sets need")
 
-        n_steps = len(self.specs_) * (self.n_folds + 1 + (self.early_stopping_fraction > 0))
+        boosted = [b for b in self.base_specs_ if b.learner == "lgbm"]
+        n_steps = len(self.base_specs_) * (self.n_folds + 1) + len(boosted) * (
+            self.early_stopping_fraction > 0)
         done = iter(range(n_steps))
 
         def step(message: str) -> None:
             progress(message, next(done) / n_steps)
 
-        params = {s.name: params_for(s.name, (self.base_params or {}).get(s.name)) for s in self.specs_}
+        params = {b.name: params_for(b.name, {**b.params, **(self.base_params or {}).get(b.name, {})})
+                  for b in self.base_specs_}
         if self.early_stopping_fraction > 0:
-            for spec, mat in zip(self.specs_, mats, strict=True):
-                step(f"choosing rounds for {spec.name}")
-                params[spec.name]["n_estimators"] = self._rounds(
-                    mat, target, valid, position, n_in_run, params[spec.name]
-                )
+            for spec, mat in zip(self.base_specs_, mats, strict=True):
+                if spec.learner == "lgbm":
+                    step(f"choosing rounds for {spec.name}")
+                    params[spec.name]["n_estimators"] = self._rounds(
+                        mat, target, valid, position, n_in_run, params[spec.name])
         self.base_params_ = params
 
         self.fold_plan_ = self._fold_plan(valid, position, n_in_run)
         oof_rows = np.concatenate([f["predict"] for f in self.fold_plan_])
-        oof = np.empty((oof_rows.size, len(self.specs_)))
-        for j, (spec, mat) in enumerate(zip(self.specs_, mats, strict=True)):
+        blocks = np.concatenate([np.full(f["predict"].size, k) for k, f in enumerate(self.fold_plan_)])
+        oof = np.empty((oof_rows.size, len(self.base_specs_)))
+        for j, (spec, mat) in enumerate(zip(self.base_specs_, mats, strict=True)):
             start = 0
             for k, fold in enumerate(self.fold_plan_):
                 step(f"fold {k + 1}/{len(self.fold_plan_)} of {spec.name}")
-                model = fit_lgbm(params[spec.name], mat.X[fold["train"]], target[fold["train"]],
-                                 mat.names)
+                model = fit_base(spec, params[spec.name], mat.X[fold["train"]],
+                                 target[fold["train"]], mat.names)
                 n = fold["predict"].size
-                oof[start:start + n, j] = model.booster_.predict(mat.X[fold["predict"]])
+                oof[start:start + n, j] = model.predict(mat.X[fold["predict"]])
                 start += n
         self.oof_predictions_ = oof
         self.oof_index_ = oof_rows
-        self.meta_ = clone(self.meta_model) if self.meta_model is not None else RidgeCV()
-        self.meta_.fit(oof, target[oof_rows])
-        self.meta_weights_ = dict(zip(names, map(float, np.ravel(self.meta_.coef_)), strict=True))
-        self.meta_intercept_ = float(np.ravel(self.meta_.intercept_)[0]) \
-            if np.ndim(self.meta_.intercept_) else float(self.meta_.intercept_)
+        y_oof, wl_oof = target[oof_rows], workloads[oof_rows]
+        if self.meta_model == "auto":
+            self.meta_, self.meta_scores_ = choose_meta(names, oof, y_oof, wl_oof, blocks)
+        else:
+            self.meta_ = fit_meta(self.meta_model, names, oof, y_oof, wl_oof)
+            self.meta_scores_ = {}
 
-        self.bases_ = []
+        self.bases_: list[FittedBase] = []
         rows = np.flatnonzero(valid)
-        for spec, mat in zip(self.specs_, mats, strict=True):
+        for spec, mat in zip(self.base_specs_, mats, strict=True):
             step(f"refitting {spec.name}")
-            model = fit_lgbm(params[spec.name], mat.X[rows], target[rows], mat.names)
-            self.bases_.append(BaseModel(spec.name, mat.names, model.booster_))
+            self.bases_.append(fit_base(spec, params[spec.name], mat.X[rows], target[rows],
+                                        mat.names))
         self.n_train_rows_ = int(rows.size)
         progress("fitted", 1.0)
         return self
 
+    @property
+    def meta_weights_(self) -> dict[str, float]:
+        """The meta-model's weight per base (its global weights when fitted per workload)."""
+        return self.meta_.global_weights
+
+    @property
+    def meta_intercept_(self) -> float:
+        return float(self.meta_.intercepts["*"])
+
+    @property
+    def portable_(self) -> bool:
+        return all(b.features.portable for b in self.base_specs_)
+
     def _validate_params(self) -> None:
+        if self.mode not in MODES:
+            raise ModelError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 < self.first_fold_fraction < 1:
+            raise ModelError(
+                f"first_fold_fraction must be in (0, 1), got {self.first_fold_fraction!r}")
         if not isinstance(self.n_folds, int) or self.n_folds < 2:
             raise ModelError(f"n_folds must be an int >= 2, got {self.n_folds!r}")
         if self.gap is not None and (not isinstance(self.gap, int) or self.gap < 0):
@@ -145,11 +193,15 @@ class TwinStack(RegressorMixin, BaseEstimator):
             raise ModelError(
                 f"early_stopping_fraction must be in [0, 0.5), got {self.early_stopping_fraction!r}"
             )
-        if not self.feature_sets:
-            raise ModelError("feature_sets must name at least one feature set")
+        if not self.bases:
+            raise ModelError("bases must name at least one base model")
+        if isinstance(self.meta_model, str) and self.meta_model not in META_KINDS:
+            raise ModelError(f"meta_model must be one of {', '.join(META_KINDS)} or a "
+                             f"scikit-learn linear regressor, got {self.meta_model!r}")
 
     def _features(self, frame: pl.DataFrame) -> list[FeatureMatrix]:
-        return [build_features(frame, s, self.target, self.workloads_) for s in self.specs_]
+        return [build_features(frame, b.features, self.target, self.workloads_)
+                for b in self.base_specs_]
 
     def _rounds(self, mat, target, valid, position, n_in_run, params) -> int:
         """Boosting rounds chosen by l1 early stopping on the tail of each run's period."""
@@ -165,17 +217,18 @@ class TwinStack(RegressorMixin, BaseEstimator):
     def _fold_plan(self, valid, position, n_in_run) -> list[dict[str, np.ndarray]]:
         """Forward-chaining blocks per run: fold k predicts block k, trains on earlier rows."""
         first = self.history_
-        span = np.maximum(n_in_run - first, 0)
-        block = np.where(valid, np.floor((position - first) * (self.n_folds + 1) / np.maximum(span, 1)), -1)
+        span = np.maximum(n_in_run - first, 0).astype(float)
+        head = self.first_fold_fraction
+        edges = [first + np.ceil(span * (head + (1 - head) * k / self.n_folds))
+                 for k in range(self.n_folds + 1)]
         plan = []
-        for k in range(1, self.n_folds + 1):
-            start = first + np.ceil(span * k / (self.n_folds + 1))
-            predict = np.flatnonzero(valid & (block == k))
-            train = np.flatnonzero(valid & (position < start - self.gap_))
+        for k in range(self.n_folds):
+            predict = np.flatnonzero(valid & (position >= edges[k]) & (position < edges[k + 1]))
+            train = np.flatnonzero(valid & (position < edges[k] - self.gap_))
             if predict.size and train.size:
                 plan.append({"train": train, "predict": predict})
         if not plan:
-            need = int(np.ceil(first + self.gap_ + first / self.n_folds + 1))
+            need = int(np.ceil(first + (first + self.gap_ + 1) / self.first_fold_fraction))
             raise ModelError(
                 f"training period too short for out-of-fold stacking: a run needs about {need} "
                 f"training rows ({self.n_folds} folds, {self.gap_}-sample gap), the longest has "
@@ -194,10 +247,12 @@ class TwinStack(RegressorMixin, BaseEstimator):
         self._check_fitted()
         frame = X
         got = schema_of(frame)
-        if got != self.schema_:
+        if got != self.schema_ and not self.portable_:
             raise ModelError(
-                f"this twin was trained on {self.schema_.n_cores} cores, data has {got.n_cores}"
+                f"this twin was trained on {self.schema_.n_cores} cores, data has {got.n_cores} "
+                "(only a twin of portable bases, --bases portable, moves between machines)"
             )
+        got.check_target(self.target)
         mats = self._features(frame)
         valid = np.logical_and.reduce([m.valid for m in mats])
         out = {}
@@ -208,17 +263,17 @@ class TwinStack(RegressorMixin, BaseEstimator):
             out[base.feature_set] = pred
         return out, valid
 
-    def combine(self, base_predictions: dict[str, np.ndarray]) -> np.ndarray:
-        """The meta-model applied to base predictions (a linear combination)."""
+    def combine(self, base_predictions: dict[str, np.ndarray],
+                workloads: np.ndarray | None = None) -> np.ndarray:
+        """The meta-model applied to base predictions (per workload where it was fitted so)."""
         self._check_fitted()
         P = np.column_stack([base_predictions[b.feature_set] for b in self.bases_])
-        w = np.array([self.meta_weights_[b.feature_set] for b in self.bases_])
-        return self.meta_intercept_ + P @ w
+        return self.meta_.predict(P, workloads)
 
     def predict(self, X: pl.DataFrame) -> np.ndarray:
         """The twin's value for each input row; NaN where history is not yet complete."""
         bases, _ = self.predict_bases(X)
-        return self.combine(bases)
+        return self.combine(bases, X[WORKLOAD].to_numpy())
 
     def score(self, X: pl.DataFrame, y: Any = None, sample_weight: Any = None) -> float:
         """R² on the rows that have full history."""
@@ -231,14 +286,15 @@ class TwinStack(RegressorMixin, BaseEstimator):
         self._check_fitted()
         return {
             "target": self.target,
+            "mode": self.mode,
             "n_cores": self.schema_.n_cores,
             "workloads": self.workloads_,
-            "feature_specs": [s.to_dict() for s in self.specs_],
-            "bases": [b.to_dict() for b in self.bases_],
-            "meta": {"kind": "linear", "weights": self.meta_weights_,
-                     "intercept": self.meta_intercept_},
+            "bases": [{"spec": s.to_dict(), "model": m.to_dict()}
+                      for s, m in zip(self.base_specs_, self.bases_, strict=True)],
+            "meta": self.meta_.to_dict(),
             "history": self.history_,
             "params": {"n_folds": self.n_folds, "gap": self.gap_,
+                       "first_fold_fraction": self.first_fold_fraction,
                        "early_stopping_fraction": self.early_stopping_fraction},
             "base_params": self.base_params_,
             "n_train_rows": self.n_train_rows_,
@@ -246,18 +302,20 @@ class TwinStack(RegressorMixin, BaseEstimator):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TwinStack:
-        specs = [FeatureSpec.from_dict(s) for s in data["feature_specs"]]
-        stack = cls(feature_sets=specs, target=data["target"], n_folds=data["params"]["n_folds"],
-                    gap=data["params"]["gap"],
-                    early_stopping_fraction=data["params"]["early_stopping_fraction"])
+        specs = [BaseSpec.from_dict(b["spec"]) for b in data["bases"]]
+        p = data["params"]
+        stack = cls(bases=specs, target=data["target"], mode=data["mode"],
+                    n_folds=p["n_folds"], gap=p["gap"],
+                    first_fold_fraction=p["first_fold_fraction"],
+                    early_stopping_fraction=p["early_stopping_fraction"],
+                    meta_model=data["meta"]["kind"].removeprefix("auto:"))
         stack.schema_ = Schema(n_cores=int(data["n_cores"]))
         stack.workloads_ = list(data["workloads"])
-        stack.specs_ = specs
-        stack.bases_ = [BaseModel.from_dict(b) for b in data["bases"]]
-        stack.meta_weights_ = {k: float(v) for k, v in data["meta"]["weights"].items()}
-        stack.meta_intercept_ = float(data["meta"]["intercept"])
+        stack.base_specs_ = specs
+        stack.bases_ = [base_from_dict(b["model"]) for b in data["bases"]]
+        stack.meta_ = LinearMeta.from_dict(data["meta"])
         stack.history_ = int(data["history"])
-        stack.gap_ = int(data["params"]["gap"])
+        stack.gap_ = int(p["gap"])
         stack.base_params_ = data["base_params"]
         stack.n_train_rows_ = int(data["n_train_rows"])
         return stack

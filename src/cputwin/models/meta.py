@@ -1,0 +1,120 @@
+"""Meta-models: how the stack combines its bases' predictions.
+
+All are linear in the base predictions, so they persist as numbers. `auto` chooses
+among them by a forward-chaining score over the out-of-fold blocks (fit on earlier
+blocks, score on the next), never by the test period.
+
+    ridge         RidgeCV with intercept (the seed's meta-model)
+    nnls          non-negative weights, free intercept
+    best          the single base with the lowest out-of-fold error
+    average       equal weights
+    per_workload  non-negative weights fitted per workload (global weights for others)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import nnls
+from sklearn.base import clone
+from sklearn.linear_model import RidgeCV
+
+from cputwin.errors import ModelError
+
+META_KINDS = ("auto", "ridge", "nnls", "best", "average", "per_workload")
+AUTO_CANDIDATES = ("best", "average", "nnls", "ridge", "per_workload")  # simplest first
+GLOBAL = "*"
+MIN_ROWS_PER_WORKLOAD = 50
+
+
+@dataclass
+class LinearMeta:
+    """weights[group] · predictions + intercepts[group]; group is a workload or '*'."""
+
+    kind: str
+    names: list[str]
+    weights: dict[str, np.ndarray]
+    intercepts: dict[str, float]
+
+    def predict(self, P: np.ndarray, workloads: np.ndarray | None = None) -> np.ndarray:
+        out = self.intercepts[GLOBAL] + P @ self.weights[GLOBAL]
+        if workloads is not None and len(self.weights) > 1:
+            for group, w in self.weights.items():
+                rows = workloads == group
+                if group != GLOBAL and rows.any():
+                    out[rows] = self.intercepts[group] + P[rows] @ w
+        return out
+
+    @property
+    def global_weights(self) -> dict[str, float]:
+        return dict(zip(self.names, map(float, self.weights[GLOBAL]), strict=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "names": self.names,
+                "weights": {g: w.tolist() for g, w in self.weights.items()},
+                "intercepts": self.intercepts}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LinearMeta:
+        return cls(data["kind"], list(data["names"]),
+                   {g: np.asarray(w, dtype=float) for g, w in data["weights"].items()},
+                   {g: float(b) for g, b in data["intercepts"].items()})
+
+
+def _nnls_with_intercept(P: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    A = np.column_stack([P, np.ones(len(P)), -np.ones(len(P))])
+    w, _ = nnls(A, y)
+    return w[:-2], float(w[-2] - w[-1])
+
+
+def fit_meta(kind: str | Any, names: list[str], P: np.ndarray, y: np.ndarray,
+             workloads: np.ndarray) -> LinearMeta:
+    """Fit one kind of meta-model on out-of-fold predictions P (rows × bases)."""
+    k = P.shape[1]
+    if not isinstance(kind, str):  # a scikit-learn linear regressor
+        model = clone(kind).fit(P, y)
+        return LinearMeta("custom", names, {GLOBAL: np.ravel(model.coef_).astype(float)},
+                          {GLOBAL: float(np.ravel(model.intercept_)[0])})
+    if kind == "ridge":
+        model = RidgeCV().fit(P, y)
+        return LinearMeta(kind, names, {GLOBAL: model.coef_.astype(float)},
+                          {GLOBAL: float(model.intercept_)})
+    if kind == "nnls":
+        w, b = _nnls_with_intercept(P, y)
+        return LinearMeta(kind, names, {GLOBAL: w}, {GLOBAL: b})
+    if kind == "best":
+        sse = ((P - y[:, None]) ** 2).sum(axis=0)
+        return LinearMeta(kind, names, {GLOBAL: np.eye(k)[int(np.argmin(sse))]}, {GLOBAL: 0.0})
+    if kind == "average":
+        return LinearMeta(kind, names, {GLOBAL: np.full(k, 1.0 / k)}, {GLOBAL: 0.0})
+    if kind == "per_workload":
+        w, b = _nnls_with_intercept(P, y)
+        weights, intercepts = {GLOBAL: w}, {GLOBAL: b}
+        for wl in np.unique(workloads):
+            rows = workloads == wl
+            if rows.sum() >= MIN_ROWS_PER_WORKLOAD:
+                weights[str(wl)], intercepts[str(wl)] = _nnls_with_intercept(P[rows], y[rows])
+        return LinearMeta(kind, names, weights, intercepts)
+    raise ModelError(f"meta_model must be one of {', '.join(META_KINDS)} or a scikit-learn "
+                     f"linear regressor, got {kind!r}")
+
+
+def choose_meta(names: list[str], P: np.ndarray, y: np.ndarray, workloads: np.ndarray,
+                blocks: np.ndarray) -> tuple[LinearMeta, dict[str, float]]:
+    """Pick the kind with the lowest forward-chaining error over the OOF blocks; refit it on all."""
+    order = np.unique(blocks)
+    scores: dict[str, float] = {}
+    for kind in AUTO_CANDIDATES:
+        sse = 0.0
+        for later in order[1:]:
+            fit_rows, score_rows = blocks < later, blocks == later
+            meta = fit_meta(kind, names, P[fit_rows], y[fit_rows], workloads[fit_rows])
+            pred = meta.predict(P[score_rows], workloads[score_rows])
+            sse += float(((pred - y[score_rows]) ** 2).sum())
+        scores[kind] = sse
+    chosen = min(AUTO_CANDIDATES, key=lambda c: (scores[c], AUTO_CANDIDATES.index(c)))
+    meta = fit_meta(chosen, names, P, y, workloads)
+    meta.kind = f"auto:{chosen}"
+    return meta, scores
