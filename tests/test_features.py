@@ -20,7 +20,7 @@ WITH_WINDOWS = FeatureSpec(
     lags={"overall": (1, 3), "other_cores": (2,)},
     windows={"overall": ((5, "mean"), (5, "std")), "other_cores": ((3, "std"),)},
 )
-SPECS = [get_spec(n) for n in ("v2.0", "v2.3", "physics", "rich", "portable")] + [WITH_WINDOWS]
+SPECS = [get_spec(n) for n in ("v2.0", "v2.3", "physics", "rich", "portable", "pooled")] + [WITH_WINDOWS]
 
 
 def _multi_run(n_runs=3, n=80, cores=4):

@@ -58,6 +58,8 @@ def resolve_group(group: str, target: str, cores: list[str]) -> list[str]:
         return list(PHYSICS_COLUMNS)
     if group == "others_stats":
         return list(STATS_COLUMNS)
+    if group == "others_sorted":
+        return [f"others_rank_{i}" for i in range(1, len(cores))]
     return [c for c in cores if c != target]
 
 
@@ -65,10 +67,11 @@ def derived_names(spec: FeatureSpec) -> list[str]:
     """The derived columns a spec reads (lags and windows are taken of these)."""
     groups = spec.groups
     return [*(PHYSICS_COLUMNS if "physics" in groups else ()),
-            *(STATS_COLUMNS if "others_stats" in groups else ())]
+            *(STATS_COLUMNS if "others_stats" in groups else ()),
+            *(["others_sorted"] if "others_sorted" in groups else [])]
 
 
-def derived_columns(target: str, cores: list[str]) -> dict[str, pl.Expr]:
+def derived_columns(target: str, cores: list[str]) -> dict[str, pl.Expr | list[pl.Expr]]:
     """Columns computed from one sample: the physics estimate and the other cores' stats.
 
     The overall load is (close to) the mean of all N cores, so N × overall − Σ others
@@ -79,7 +82,10 @@ def derived_columns(target: str, cores: list[str]) -> dict[str, pl.Expr]:
     physics = len(cores) * pl.col(OVERALL) - total
     values = pl.concat_list(others) if others else None
     zero = pl.lit(0.0)
+    ranked = pl.concat_list(others).list.sort(descending=True) if others else None
     return {
+        "others_sorted": [ranked.list.get(i).alias(f"others_rank_{i + 1}")
+                          for i in range(len(others))],
         "physics_estimate": physics,
         "physics_clipped": physics.clip(0.0, 100.0),
         "others_mean": values.list.mean() if others else zero,
@@ -142,7 +148,10 @@ def build_features(
     warn_unseen_workloads(frame, workloads, spec)
     position = pl.int_range(pl.len()).over(RUN_COLUMN).alias("position")
     derived = derived_columns(target, cores)
-    needed = [derived[c].cast(pl.Float64).alias(c) for c in derived_names(spec)]
+    needed = []
+    for c in derived_names(spec):
+        needed += ([e.cast(pl.Float64) for e in derived[c]] if isinstance(derived[c], list)
+                   else [derived[c].cast(pl.Float64).alias(c)])
     out = (
         frame.lazy()
         .with_columns(needed)

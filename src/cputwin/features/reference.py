@@ -33,7 +33,9 @@ def reference_derived(df: pd.DataFrame, target: str, cores: list[str]) -> dict[s
     physics = len(cores) * df[OVERALL].to_numpy(dtype=float) - others.sum(axis=1)
     empty = others.shape[1] == 0
     stat = (lambda f: np.zeros(len(df))) if empty else (lambda f: f(others, axis=1))
+    ranked = -np.sort(-others, axis=1)
     return {
+        **{f"others_rank_{i + 1}": ranked[:, i] for i in range(others.shape[1])},
         "physics_estimate": physics,
         "physics_clipped": np.clip(physics, 0.0, 100.0),
         "others_mean": stat(np.mean),

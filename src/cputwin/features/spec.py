@@ -11,6 +11,8 @@ Groups (those marked * carry the target's own signal, see `TARGET_CARRYING`):
                    (as is, and clipped to [0, 100])
     other_cores    every cpu_util_core_<i> except the target (one column per core)
     others_stats   mean, std, min, max of the other cores (independent of core count)
+    others_sorted  the other cores' values in descending order (rank 1 = busiest): the same
+                   meaning whichever core is the target, so one model can learn from all
 
 Modes: a `sensor` twin stands in for a missing sensor and may read anything measured
 except the target core; an `independent` twin (for anomaly detection) may not read
@@ -24,9 +26,10 @@ from typing import Any
 
 from cputwin.errors import FeatureError
 
-GROUPS = ("overall", "physics", "other_cores", "others_stats")
+GROUPS = ("overall", "physics", "other_cores", "others_stats", "others_sorted")
 TARGET_CARRYING = frozenset({"overall", "physics"})
 PORTABLE_GROUPS = frozenset({"overall", "physics", "others_stats"})
+POOLABLE_GROUPS = PORTABLE_GROUPS | {"others_sorted"}
 WINDOW_STATS = ("mean", "std")
 MODES = ("sensor", "independent")
 
@@ -82,6 +85,11 @@ class FeatureSpec:
     def portable(self) -> bool:
         """True when the columns do not depend on the machine's core count."""
         return self.groups <= PORTABLE_GROUPS
+
+    @property
+    def poolable(self) -> bool:
+        """True when a column means the same whichever core is the target."""
+        return self.groups <= POOLABLE_GROUPS
 
     def for_mode(self, mode: str) -> FeatureSpec:
         """The spec as a twin of this mode may use it (independent: no target-carrying group)."""
@@ -159,7 +167,17 @@ PORTABLE = FeatureSpec(
     windows=RICH.windows,
 )
 
-BUILTIN_SPECS: dict[str, FeatureSpec] = {s.name: s for s in (V2_0, V2_3, PHYSICS, RICH, PORTABLE)}
+# PORTABLE plus the other cores by rank: for a model pooled over every core of one machine.
+POOLED = FeatureSpec(
+    name="pooled",
+    current=("overall", "physics", "others_stats", "others_sorted"),
+    lags={**PORTABLE.lags, "others_sorted": (1, 2)},
+    windows=RICH.windows,
+)
+
+BUILTIN_SPECS: dict[str, FeatureSpec] = {
+    s.name: s for s in (V2_0, V2_3, PHYSICS, RICH, PORTABLE, POOLED)
+}
 
 
 def get_spec(name: str) -> FeatureSpec:

@@ -46,25 +46,36 @@ class BaseSpec:
     features: FeatureSpec
     learner: str = "lgbm"
     params: dict[str, Any] = field(default_factory=dict)
+    early_stopping: bool = False
+    pooled: bool = False
+
+    """early_stopping: choose the rounds by l1 early stopping on the training period's tail
+    (the seed's sets were trained so). pooled: train on every core's rows as targets, each
+    with features relative to that core (needs a portable spec): N times the data for a
+    relation, the physics of utilisation, that is the same for every core."""
 
     def __post_init__(self) -> None:
         if self.learner not in LEARNERS:
             raise ModelError(f"base {self.name!r}: learner must be one of {LEARNERS}, "
                              f"got {self.learner!r}")
+        if self.pooled and not self.features.poolable:
+            raise ModelError(f"base {self.name!r}: a pooled base needs features that mean the "
+                             "same for every target core (no other_cores group)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "features": self.features.to_dict(),
-                "learner": self.learner, "params": self.params}
+                "learner": self.learner, "params": self.params,
+                "early_stopping": self.early_stopping, "pooled": self.pooled}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseSpec:
         return cls(data["name"], FeatureSpec.from_dict(data["features"]), data["learner"],
-                   dict(data["params"]))
+                   dict(data["params"]), bool(data["early_stopping"]), bool(data["pooled"]))
 
 
 BUILTIN_BASES: dict[str, BaseSpec] = {b.name: b for b in (
-    BaseSpec("v2.0", get_spec("v2.0"), "lgbm", SEED_PARAMS["v2.0"]),
-    BaseSpec("v2.3", get_spec("v2.3"), "lgbm", SEED_PARAMS["v2.3"]),
+    BaseSpec("v2.0", get_spec("v2.0"), "lgbm", SEED_PARAMS["v2.0"], early_stopping=True),
+    BaseSpec("v2.3", get_spec("v2.3"), "lgbm", SEED_PARAMS["v2.3"], early_stopping=True),
     BaseSpec("physics_linear", get_spec("physics"), "linear"),
     BaseSpec("gbm_l2", get_spec("rich"), "lgbm", dict(_BOOSTED, objective="regression",
                                                        num_leaves=15)),
@@ -72,13 +83,16 @@ BUILTIN_BASES: dict[str, BaseSpec] = {b.name: b for b in (
                                                        num_leaves=31, random_state=7)),
     BaseSpec("gbm_portable", get_spec("portable"), "lgbm", dict(_BOOSTED, objective="regression",
                                                                 num_leaves=15)),
-    BaseSpec("portable_linear", get_spec("portable"), "linear"),
+    BaseSpec("gbm_pooled", get_spec("pooled"), "lgbm",
+             dict(_BOOSTED, objective="regression", num_leaves=31), pooled=True),
+    BaseSpec("gbm_pooled_portable", get_spec("portable"), "lgbm",
+             dict(_BOOSTED, objective="regression", num_leaves=31), pooled=True),
 )}
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "seed": ("v2.0", "v2.3"),
-    "twin": ("v2.0", "v2.3", "physics_linear", "gbm_l2", "gbm_l1"),
-    "portable": ("physics_linear", "gbm_portable", "portable_linear"),
+    "twin": ("v2.0", "v2.3", "physics_linear", "gbm_l2", "gbm_pooled"),
+    "portable": ("physics_linear", "gbm_portable", "gbm_pooled_portable"),
 }
 
 

@@ -8,6 +8,7 @@ blocks, score on the next), never by the test period.
     nnls          non-negative weights, free intercept
     best          the single base with the lowest out-of-fold error
     average       equal weights
+    top_mean      equal weights on the k bases with the lowest error, k chosen on the fit rows
     per_workload  non-negative weights fitted per workload (global weights for others)
 """
 
@@ -23,8 +24,8 @@ from sklearn.linear_model import RidgeCV
 
 from cputwin.errors import ModelError
 
-META_KINDS = ("auto", "ridge", "nnls", "best", "average", "per_workload")
-AUTO_CANDIDATES = ("best", "average", "nnls", "ridge", "per_workload")  # simplest first
+META_KINDS = ("auto", "ridge", "nnls", "best", "average", "top_mean", "per_workload")
+AUTO_CANDIDATES = ("best", "top_mean", "average", "nnls", "ridge", "per_workload")  # simplest first
 GLOBAL = "*"
 MIN_ROWS_PER_WORKLOAD = 50
 
@@ -87,6 +88,13 @@ def fit_meta(kind: str | Any, names: list[str], P: np.ndarray, y: np.ndarray,
     if kind == "best":
         sse = ((P - y[:, None]) ** 2).sum(axis=0)
         return LinearMeta(kind, names, {GLOBAL: np.eye(k)[int(np.argmin(sse))]}, {GLOBAL: 0.0})
+    if kind == "top_mean":
+        order = np.argsort(((P - y[:, None]) ** 2).sum(axis=0))
+        sse = [((P[:, order[:n]].mean(axis=1) - y) ** 2).sum() for n in range(1, k + 1)]
+        chosen = order[: int(np.argmin(sse)) + 1]
+        w = np.zeros(k)
+        w[chosen] = 1.0 / chosen.size
+        return LinearMeta(kind, names, {GLOBAL: w}, {GLOBAL: 0.0})
     if kind == "average":
         return LinearMeta(kind, names, {GLOBAL: np.full(k, 1.0 / k)}, {GLOBAL: 0.0})
     if kind == "per_workload":
@@ -102,19 +110,34 @@ def fit_meta(kind: str | Any, names: list[str], P: np.ndarray, y: np.ndarray,
 
 
 def choose_meta(names: list[str], P: np.ndarray, y: np.ndarray, workloads: np.ndarray,
-                blocks: np.ndarray) -> tuple[LinearMeta, dict[str, float]]:
-    """Pick the kind with the lowest forward-chaining error over the OOF blocks; refit it on all."""
+                blocks: np.ndarray, n_chunks: int = 20) -> tuple[LinearMeta, dict[str, float]]:
+    """Pick a kind by forward-chaining error over the OOF blocks, with the one-standard-error
+    rule: the simplest kind whose error is within one standard error of the lowest.
+
+    Fold models train on less data than the final refit, so out-of-fold predictions flatter
+    learners that need little data; preferring the simpler meta-model unless a richer one
+    is clearly better keeps that bias from buying weights the test period does not repay.
+    The standard error comes from the spread of the error difference over `n_chunks`
+    consecutive chunks of scored rows (rows 100 ms apart are not independent).
+    """
     order = np.unique(blocks)
-    scores: dict[str, float] = {}
+    errors: dict[str, np.ndarray] = {}
     for kind in AUTO_CANDIDATES:
-        sse = 0.0
+        err = np.zeros(0)
         for later in order[1:]:
             fit_rows, score_rows = blocks < later, blocks == later
             meta = fit_meta(kind, names, P[fit_rows], y[fit_rows], workloads[fit_rows])
             pred = meta.predict(P[score_rows], workloads[score_rows])
-            sse += float(((pred - y[score_rows]) ** 2).sum())
-        scores[kind] = sse
-    chosen = min(AUTO_CANDIDATES, key=lambda c: (scores[c], AUTO_CANDIDATES.index(c)))
+            err = np.concatenate([err, (pred - y[score_rows]) ** 2])
+        errors[kind] = err
+    scores = {k: float(e.sum()) for k, e in errors.items()}
+    lowest = min(AUTO_CANDIDATES, key=lambda c: scores[c])
+    chosen = lowest
+    for kind in AUTO_CANDIDATES:  # simplest first
+        diff = np.array([c.sum() for c in np.array_split(errors[kind] - errors[lowest], n_chunks)])
+        if diff.sum() <= diff.std(ddof=1) * np.sqrt(n_chunks):
+            chosen = kind
+            break
     meta = fit_meta(chosen, names, P, y, workloads)
     meta.kind = f"auto:{chosen}"
     return meta, scores

@@ -107,17 +107,19 @@ class TwinStack(RegressorMixin, BaseEstimator):
             raise ModelError(f"bases must have distinct names, got {names}")
         mats = self._features(frame)
         valid = np.logical_and.reduce([m.valid for m in mats])
-        target = frame[self.target].to_numpy()
         position = mats[0].keys["position"].to_numpy()
         n_in_run = frame.select(pl.len().over(RUN_COLUMN))[:, 0].to_numpy()
         workloads = frame[WORKLOAD].to_numpy()
+        target = frame[self.target].to_numpy()
+        data = [self._training_data(frame, spec, mat) for spec, mat in zip(self.base_specs_, mats,
+                                                                           strict=True)]
         self.history_ = max(b.features.history for b in self.base_specs_)
         self.gap_ = self.history_ if self.gap is None else int(self.gap)
         if not valid.any():
             raise ModelError("no training row has the history the feature sets need")
 
-        boosted = [b for b in self.base_specs_ if b.learner == "lgbm"]
-        n_steps = len(self.base_specs_) * (self.n_folds + 1) + len(boosted) * (
+        stopping = [b for b in self.base_specs_ if b.early_stopping and b.learner == "lgbm"]
+        n_steps = len(self.base_specs_) * (self.n_folds + 1) + len(stopping) * (
             self.early_stopping_fraction > 0)
         done = iter(range(n_steps))
 
@@ -127,11 +129,11 @@ class TwinStack(RegressorMixin, BaseEstimator):
         params = {b.name: params_for(b.name, {**b.params, **(self.base_params or {}).get(b.name, {})})
                   for b in self.base_specs_}
         if self.early_stopping_fraction > 0:
-            for spec, mat in zip(self.base_specs_, mats, strict=True):
-                if spec.learner == "lgbm":
+            for spec, (rows_data, names_) in zip(self.base_specs_, data, strict=True):
+                if spec in stopping:
                     step(f"choosing rounds for {spec.name}")
                     params[spec.name]["n_estimators"] = self._rounds(
-                        mat, target, valid, position, n_in_run, params[spec.name])
+                        rows_data, names_, valid, position, n_in_run, params[spec.name])
         self.base_params_ = params
 
         self.fold_plan_ = self._fold_plan(valid, position, n_in_run)
@@ -139,11 +141,11 @@ class TwinStack(RegressorMixin, BaseEstimator):
         blocks = np.concatenate([np.full(f["predict"].size, k) for k, f in enumerate(self.fold_plan_)])
         oof = np.empty((oof_rows.size, len(self.base_specs_)))
         for j, (spec, mat) in enumerate(zip(self.base_specs_, mats, strict=True)):
+            rows_data, feature_names = data[j]
             start = 0
             for k, fold in enumerate(self.fold_plan_):
                 step(f"fold {k + 1}/{len(self.fold_plan_)} of {spec.name}")
-                model = fit_base(spec, params[spec.name], mat.X[fold["train"]],
-                                 target[fold["train"]], mat.names)
+                model = fit_base(spec, params[spec.name], *rows_data(fold["train"]), feature_names)
                 n = fold["predict"].size
                 oof[start:start + n, j] = model.predict(mat.X[fold["predict"]])
                 start += n
@@ -158,10 +160,9 @@ class TwinStack(RegressorMixin, BaseEstimator):
 
         self.bases_: list[FittedBase] = []
         rows = np.flatnonzero(valid)
-        for spec, mat in zip(self.base_specs_, mats, strict=True):
+        for spec, (rows_data, feature_names) in zip(self.base_specs_, data, strict=True):
             step(f"refitting {spec.name}")
-            self.bases_.append(fit_base(spec, params[spec.name], mat.X[rows], target[rows],
-                                        mat.names))
+            self.bases_.append(fit_base(spec, params[spec.name], *rows_data(rows), feature_names))
         self.n_train_rows_ = int(rows.size)
         progress("fitted", 1.0)
         return self
@@ -203,15 +204,27 @@ class TwinStack(RegressorMixin, BaseEstimator):
         return [build_features(frame, b.features, self.target, self.workloads_)
                 for b in self.base_specs_]
 
-    def _rounds(self, mat, target, valid, position, n_in_run, params) -> int:
+    def _training_data(self, frame: pl.DataFrame, spec: BaseSpec, mat: FeatureMatrix):
+        """(rows -> (X, y), feature names): the target's rows, or every core's for a pooled base."""
+        if not spec.pooled:
+            y = frame[self.target].to_numpy()
+            return (lambda rows: (mat.X[rows], y[rows])), mat.names
+        per_core = [(build_features(frame, spec.features, core, self.workloads_).X,
+                     frame[core].to_numpy()) for core in self.schema_.core_columns]
+
+        def rows_data(rows):
+            return (np.vstack([X[rows] for X, _ in per_core]),
+                    np.concatenate([y[rows] for _, y in per_core]))
+        return rows_data, mat.names
+
+    def _rounds(self, rows_data, names, valid, position, n_in_run, params) -> int:
         """Boosting rounds chosen by l1 early stopping on the tail of each run's period."""
         cut = np.floor(n_in_run * (1 - self.early_stopping_fraction))
-        train = valid & (position < cut - self.gap_)
-        val = valid & (position >= cut)
-        if train.sum() < 50 or val.sum() < 10:
+        train = np.flatnonzero(valid & (position < cut - self.gap_))
+        val = np.flatnonzero(valid & (position >= cut))
+        if train.size < 50 or val.size < 10:
             return int(params["n_estimators"])
-        model = fit_lgbm(params, mat.X[train], target[train], mat.names,
-                         eval_set=(mat.X[val], target[val]))
+        model = fit_lgbm(params, *rows_data(train), names, eval_set=rows_data(val))
         return max(int(model.best_iteration_ or params["n_estimators"]), 1)
 
     def _fold_plan(self, valid, position, n_in_run) -> list[dict[str, np.ndarray]]:
