@@ -6,15 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FAST
 from cputwin import TwinStack
 from cputwin.artifact import load_twin, read_payload, save_twin
 from cputwin.errors import ArtifactError
+from cputwin.models import BUILTIN_BASES
 
 
 @pytest.fixture(scope="module")
 def twin_file(tmp_path_factory, sample_frame):
-    stack = TwinStack(base_params=FAST, target="cpu_util_core_0").fit(sample_frame)
+    fast = {name: {"n_estimators": 30} for name in BUILTIN_BASES}
+    stack = TwinStack(bases="twin", base_params=fast, meta_model="auto").fit(sample_frame)
     path = tmp_path_factory.mktemp("twin") / "t.cputwin"
     save_twin(stack, path, training={"rows": sample_frame.height}, metrics={})
     return stack, path
@@ -28,6 +29,7 @@ def test_round_trip_gives_the_same_predictions(twin_file, sample_frame):
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
     np.testing.assert_allclose(a[ok], b[ok], rtol=0, atol=1e-9)
     assert loaded.meta_weights_ == stack.meta_weights_
+    assert loaded.meta_.kind == stack.meta_.kind and loaded.mode == "sensor"
     assert payload["stack"]["n_cores"] == stack.schema_.n_cores
     assert set(payload["versions"]) >= {"cputwin", "lightgbm"}
 
@@ -35,8 +37,9 @@ def test_round_trip_gives_the_same_predictions(twin_file, sample_frame):
 def test_file_holds_text_models_and_json_not_pickles(twin_file):
     _, path = twin_file
     doc = json.loads(gzip.decompress(path.read_bytes()))
-    base = doc["payload"]["stack"]["bases"][0]
-    assert base["lightgbm_model"].startswith("tree\n")
+    models = [b["model"] for b in doc["payload"]["stack"]["bases"]]
+    assert {m["learner"] for m in models} == {"lgbm", "linear"}
+    assert all(m["lightgbm_model"].startswith("tree\n") for m in models if m["learner"] == "lgbm")
     assert b"pickle" not in path.read_bytes()
 
 
@@ -60,7 +63,7 @@ def test_edited_payload_fails_the_checksum(twin_file, tmp_path):
     _, path = twin_file
 
     def edit(doc):
-        doc["payload"]["stack"]["meta"]["intercept"] += 1.0
+        doc["payload"]["stack"]["meta"]["intercepts"]["*"] += 1.0
 
     with pytest.raises(ArtifactError, match="checksum mismatch"):
         load_twin(_rewrite(path, tmp_path, edit))

@@ -39,11 +39,13 @@ def honest_json(sample_data, tmp_path_factory):
 
 def test_evaluate_json_is_one_object_with_the_documented_keys(honest_json):
     summary, _ = honest_json
-    assert {"protocol", "target", "rows", "r2", "mae", "rmse", "per_workload", "meta",
+    assert {"protocol", "target", "mode", "rows", "r2", "mae", "rmse", "per_workload", "meta",
             "verdict"} <= set(summary)
-    assert summary["protocol"] == "honest"
-    assert set(summary["r2"]) == {"v2.0", "v2.3", "average", "stack", "workload_mean"}
-    assert set(summary["meta"]["weights"]) == {"v2.0", "v2.3"}
+    assert summary["protocol"] == "honest" and summary["mode"] == "sensor"
+    assert set(summary["r2"]) == {*summary["bases"], "average", "stack", "workload_mean"}
+    assert {"v2.0", "v2.3", "gbm_pooled"} <= set(summary["bases"])
+    assert set(summary["meta"]["weights"]) == set(summary["bases"])
+    assert summary["meta"]["kind"].startswith("auto:")
     assert summary["rows"]["train"] > summary["rows"]["test"] > 0
     assert set(summary["per_workload"]) == {"cpu_bound", "io_bound", "memory_bound",
                                             "mixed_workload", "network_bound", "idle"}
@@ -66,6 +68,11 @@ def test_report_is_self_contained_html_with_plots(honest_json):
     (["evaluate", "{bad}"], "must be numeric"),
     (["predict", "{junk}", "{sample}", "-o", "{out}"], "not a cputwin twin file"),
     (["collect", "--workload", "gpu", "--out", "{out}"], "unknown workload 'gpu'"),
+    (["evaluate", "{sample}", "--mode", "psychic"], "mode must be one of"),
+    (["evaluate", "{sample}", "--bases", "v2.0,v9"], "unknown base model 'v9'"),
+    (["evaluate", "{sample}", "--meta", "median"], "meta_model must be one of"),
+    (["evaluate", "{sample}", "--target", "all", "--protocol", "seed"], "use the honest protocol"),
+    (["train", "{sample}", "-o", "{out}", "--target", "cpu_util_core_7"], "is not a core"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, sample_data, args, fragment):
     bad = write_run(synthetic_run().with_columns(pl.col("cpu_util_core_0").cast(pl.String)),
@@ -83,13 +90,16 @@ def test_bad_input_exits_2_with_one_line(tmp_path, sample_data, args, fragment):
 
 def test_train_then_predict(sample_data, tmp_path):
     twin = tmp_path / "t.cputwin"
-    result = run("train", sample_data, "-o", twin, "--json")
+    result = run("train", sample_data, "-o", twin, "--json", "--bases", "seed",
+                 "--mode", "independent")
     assert result.exit_code == 0, result.output
     trained = json.loads(result.stdout)
     assert set(trained["out_of_fold"]) == {"v2.0", "v2.3", "stack"}
+    assert trained["mode"] == "independent"
     preds = tmp_path / "p.parquet"
     result = run("predict", twin, sample_data, "-o", preds, "--json")
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["mode"] == "independent"
     table = pl.read_parquet(preds)
     assert {"run", "timestamp", "actual", "v2.0", "v2.3", "twin", "residual"} <= set(table.columns)
     assert table["twin"].drop_nans().len() == json.loads(result.stdout)["predicted"]
@@ -112,3 +122,28 @@ def test_seed_protocol_reproduces_the_notebook(seed_data):
     assert text.exit_code == 0
     for fragment in ("0.7088", "0.6979", "0.7436", "v2.0 1.0579 / v2.3 0.0300", "BREAKTHROUGH"):
         assert fragment in text.stdout
+
+
+def test_target_all_reports_every_core_and_the_mean(sample_data):
+    result = run("evaluate", sample_data, "--target", "all", "--bases", "physics_linear,gbm_l2",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert set(s["targets"]) == {"cpu_util_core_0", "cpu_util_core_1"}
+    r2 = [t["r2"]["stack"] for t in s["targets"].values()]
+    assert s["mean"]["r2"] == pytest.approx(sum(r2) / 2)
+    assert all(t["mode"] == "sensor" and t["target"] == name for name, t in s["targets"].items())
+
+
+def test_transfer_to_another_machine(sample_data, tmp_path):
+    four = tmp_path / "four"
+    for i in range(3):
+        write_run(synthetic_run(n=300, cores=4, seed=i, workload="cpu_bound", t0=1e9 + 1e4 * i),
+                  four, f"r{i}")
+    result = run("evaluate", four, "--test", sample_data, "--bases", "portable", "--json")
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert s["protocol"] == "transfer"
+    assert s["machines"] == {"train_cores": 4, "test_cores": 2}
+    refused = run("evaluate", four, "--test", sample_data, "--bases", "seed")
+    assert refused.exit_code == 2 and "only a twin of portable bases" in refused.stderr

@@ -62,6 +62,7 @@ def test_fold_plan_is_forward_chaining_with_a_gap():
     runs = frame["run"].to_numpy()
     pos = frame.select(pl.int_range(pl.len()).over("run"))[:, 0].to_numpy()
     assert stack.gap_ >= stack.history_ == 29
+    assert len(stack.fold_plan_) == stack.n_folds
     for fold in stack.fold_plan_:
         assert not np.intersect1d(fold["train"], fold["predict"]).size
         for run in np.unique(runs):
@@ -101,8 +102,13 @@ def test_stack_learns_a_real_signal(sample_frame):
     ({"n_folds": 1}, "n_folds must be an int >= 2"),
     ({"gap": -1}, "gap must be None or an int >= 0"),
     ({"early_stopping_fraction": 0.7}, "early_stopping_fraction must be in"),
-    ({"feature_sets": ()}, "at least one feature set"),
-    ({"feature_sets": ("v2.0", "v2.0")}, "distinct names"),
+    ({"bases": ()}, "at least one base model"),
+    ({"bases": ("v2.0", "v2.0")}, "distinct names"),
+    ({"bases": "everything"}, "unknown preset 'everything'"),
+    ({"bases": ("v9",)}, "unknown base model 'v9'"),
+    ({"mode": "psychic"}, "mode must be one of"),
+    ({"meta_model": "median"}, "meta_model must be one of"),
+    ({"first_fold_fraction": 1.0}, "first_fold_fraction must be in"),
 ])
 def test_bad_parameters_are_rejected_in_fit(params, fragment):
     with pytest.raises(ModelError, match=fragment):

@@ -11,6 +11,7 @@ cannot do this: `cross_val_predict` needs folds that partition the data.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -98,10 +99,8 @@ class TwinStack(RegressorMixin, BaseEstimator):
         self.schema_ = schema_of(frame)
         self.schema_.check_target(self.target)
         self.workloads_ = sorted(frame[WORKLOAD].unique().to_list())
-        self.base_specs_ = [
-            BaseSpec(b.name, b.features.for_mode(self.mode), b.learner, b.params)
-            for b in resolve_bases(self.bases)
-        ]
+        self.base_specs_ = [replace(b, features=b.features.for_mode(self.mode))
+                            for b in resolve_bases(self.bases)]
         names = [b.name for b in self.base_specs_]
         if len(set(names)) != len(names):
             raise ModelError(f"bases must have distinct names, got {names}")
