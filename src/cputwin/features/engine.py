@@ -1,8 +1,13 @@
-"""Compile a `FeatureSpec` into Polars expressions and evaluate it per run.
+"""Compile a `FeatureSpec` into a plan of operations, and run the plan on a whole frame.
 
-Every lag and window is taken `.over(run)`, so nothing crosses a run boundary; each
-output row is the input row it came from, keyed by (run, timestamp). Rows of a run
-that lack the history the spec needs are kept but marked invalid.
+A plan is a list of `Op`s (a column now, its lag k, its mean or std over w samples, a
+workload one-hot). The batch path here turns each op into a Polars expression taken
+`.over(run)`, so nothing crosses a run boundary; the online path (`online.py`) runs the
+same ops on a ring buffer, one sample at a time. Columns derived from a single sample
+(the physics estimate, the other cores' statistics and ranks) come from one NumPy
+function, `derive`, that both paths call. Each output row is the input row it came
+from, keyed by (run, timestamp); rows without the history the spec needs are marked
+invalid.
 """
 
 from __future__ import annotations
@@ -18,19 +23,50 @@ from cputwin.features.spec import FeatureSpec
 from cputwin.telemetry.ingest import DataWarning, schema_of
 from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, TIMESTAMP, WORKLOAD
 
+PHYSICS_COLUMNS = ("physics_estimate", "physics_clipped")
+STATS_COLUMNS = ("others_mean", "others_std", "others_min", "others_max")
+OP_KINDS = ("now", "lag", "mean", "std", "onehot")
+# Window statistics are rounded to this many decimals on both paths: a running sum (batch)
+# and a fresh sum (online) differ in the last bits, and a tree split learned between two
+# such twins of one value would send the two paths different ways.
+WINDOW_DECIMALS = 9
+
+
+@dataclass(frozen=True)
+class Op:
+    """One feature: `kind` of `source` (lag k / window w in `param`; onehot: a category)."""
+
+    name: str
+    source: str
+    kind: str
+    param: int = 0
+
 
 @dataclass(frozen=True)
 class CompiledSpec:
-    """A spec resolved for one target on one machine: feature names and their expressions."""
+    """A spec resolved for one target on one machine: its ops, in feature order."""
 
     spec: FeatureSpec
     target: str
-    names: list[str]
-    exprs: list[pl.Expr]
+    cores: tuple[str, ...]
+    ops: tuple[Op, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [op.name for op in self.ops]
 
     @property
     def history(self) -> int:
         return self.spec.history
+
+    @property
+    def sources(self) -> list[str]:
+        """Columns the ops read, raw or derived, in first-use order (onehots excluded)."""
+        return list(dict.fromkeys(op.source for op in self.ops if op.kind != "onehot"))
+
+    @property
+    def derived(self) -> list[str]:
+        return derived_names(self.spec, len(self.cores))
 
 
 @dataclass
@@ -46,11 +82,7 @@ class FeatureMatrix:
         return self.X.shape[0]
 
 
-PHYSICS_COLUMNS = ("physics_estimate", "physics_clipped")
-STATS_COLUMNS = ("others_mean", "others_std", "others_min", "others_max")
-
-
-def resolve_group(group: str, target: str, cores: list[str]) -> list[str]:
+def resolve_group(group: str, target: str, cores: list[str] | tuple[str, ...]) -> list[str]:
     """The columns a group stands for, for this target on this machine."""
     if group == "overall":
         return [OVERALL]
@@ -63,77 +95,88 @@ def resolve_group(group: str, target: str, cores: list[str]) -> list[str]:
     return [c for c in cores if c != target]
 
 
-def derived_names(spec: FeatureSpec) -> list[str]:
+def derived_names(spec: FeatureSpec, n_cores: int) -> list[str]:
     """The derived columns a spec reads (lags and windows are taken of these)."""
     groups = spec.groups
     return [*(PHYSICS_COLUMNS if "physics" in groups else ()),
             *(STATS_COLUMNS if "others_stats" in groups else ()),
-            *(["others_sorted"] if "others_sorted" in groups else [])]
+            *([f"others_rank_{i}" for i in range(1, n_cores)] if "others_sorted" in groups
+              else ())]
 
 
-def derived_columns(target: str, cores: list[str]) -> dict[str, pl.Expr | list[pl.Expr]]:
-    """Columns computed from one sample: the physics estimate and the other cores' stats.
+def derive(overall: np.ndarray, others: np.ndarray, n_cores: int) -> dict[str, np.ndarray]:
+    """Columns computed from one sample, for any number of rows (batch) or one (online).
 
     The overall load is (close to) the mean of all N cores, so N × overall − Σ others
     estimates the target from what the machine reports without it.
+    overall: (rows,); others: (rows, n_cores - 1).
     """
-    others = [c for c in cores if c != target]
-    total = pl.sum_horizontal(others) if others else pl.lit(0.0)
-    physics = len(cores) * pl.col(OVERALL) - total
-    values = pl.concat_list(others) if others else None
-    zero = pl.lit(0.0)
-    ranked = pl.concat_list(others).list.sort(descending=True) if others else None
-    return {
-        "others_sorted": [ranked.list.get(i).alias(f"others_rank_{i + 1}")
-                          for i in range(len(others))],
-        "physics_estimate": physics,
-        "physics_clipped": physics.clip(0.0, 100.0),
-        "others_mean": values.list.mean() if others else zero,
-        "others_std": values.list.std(ddof=0) if others else zero,
-        "others_min": values.list.min() if others else zero,
-        "others_max": values.list.max() if others else zero,
-    }
+    rows = overall.shape[0]
+    physics = n_cores * overall - others.sum(axis=1)
+    out = {"physics_estimate": physics, "physics_clipped": np.clip(physics, 0.0, 100.0)}
+    if others.shape[1] == 0:
+        zero = np.zeros(rows)
+        out.update(others_mean=zero, others_std=zero, others_min=zero, others_max=zero)
+        return out
+    out.update(others_mean=others.mean(axis=1), others_std=others.std(axis=1),
+               others_min=others.min(axis=1), others_max=others.max(axis=1))
+    ranked = -np.sort(-others, axis=1)
+    out.update({f"others_rank_{i + 1}": ranked[:, i] for i in range(others.shape[1])})
+    return out
 
 
 def compile_spec(
     spec: FeatureSpec, target: str, cores: list[str], workloads: list[str]
 ) -> CompiledSpec:
-    """Resolve groups for this target and core list; derive names; build expressions.
+    """Resolve groups for this target and core list into ops, named from the spec.
 
-    Column order: current columns, workload one-hots, then lags ordered by lag and
-    column, then windows (the seed's order, which LightGBM's column sampling sees).
+    Order: current columns, workload one-hots, then lags ordered by lag and column, then
+    windows (the seed's order, which LightGBM's column sampling sees).
     """
     if target not in cores:
         raise FeatureError(f"target {target!r} is not one of the cores {cores[0]} … {cores[-1]}")
-    names: list[str] = []
-    exprs: list[pl.Expr] = []
-
-    def add(name: str, expr: pl.Expr) -> None:
-        names.append(name)
-        exprs.append(expr.cast(pl.Float64).alias(name))
-
+    ops: list[Op] = []
     for group in spec.current:
-        for col in resolve_group(group, target, cores):
-            add(col, pl.col(col))
+        ops += [Op(col, col, "now") for col in resolve_group(group, target, cores)]
     if spec.workload:
-        for cat in workloads:
-            add(f"workload_{cat}", pl.col(WORKLOAD) == cat)
+        ops += [Op(f"workload_{cat}", cat, "onehot") for cat in workloads]
     max_lag = max((max(v) for v in spec.lags.values() if v), default=0)
     for k in range(1, max_lag + 1):
         for group, lags in spec.lags.items():
             if k in lags:
-                for col in resolve_group(group, target, cores):
-                    add(f"{col}_lag_{k}", pl.col(col).shift(k).over(RUN_COLUMN))
+                ops += [Op(f"{col}_lag_{k}", col, "lag", k)
+                        for col in resolve_group(group, target, cores)]
     for group, wins in spec.windows.items():
         for w, stat in wins:
-            for col in resolve_group(group, target, cores):
-                roll = (
-                    pl.col(col).rolling_mean(w)
-                    if stat == "mean"
-                    else pl.col(col).rolling_std(w, ddof=1)
-                )
-                add(f"{col}_roll{w}_{stat}", roll.over(RUN_COLUMN))
-    return CompiledSpec(spec=spec, target=target, names=names, exprs=exprs)
+            ops += [Op(f"{col}_roll{w}_{stat}", col, stat, w)
+                    for col in resolve_group(group, target, cores)]
+    return CompiledSpec(spec=spec, target=target, cores=tuple(cores), ops=tuple(ops))
+
+
+def op_expr(op: Op) -> pl.Expr:
+    """The batch form of one op."""
+    col = pl.col(op.source)
+    if op.kind == "now":
+        expr = col
+    elif op.kind == "onehot":
+        expr = pl.col(WORKLOAD) == op.source
+    elif op.kind == "lag":
+        expr = col.shift(op.param).over(RUN_COLUMN)
+    elif op.kind == "mean":
+        expr = col.rolling_mean(op.param).over(RUN_COLUMN).round(WINDOW_DECIMALS)
+    else:
+        expr = col.rolling_std(op.param, ddof=1).over(RUN_COLUMN).round(WINDOW_DECIMALS)
+    return expr.cast(pl.Float64).alias(op.name)
+
+
+def with_derived(frame: pl.DataFrame, compiled: CompiledSpec) -> pl.DataFrame:
+    """The frame plus the derived columns the compiled spec reads."""
+    if not compiled.derived:
+        return frame
+    others = [c for c in compiled.cores if c != compiled.target]
+    values = derive(frame[OVERALL].to_numpy(), frame.select(others).to_numpy(),
+                    len(compiled.cores))
+    return frame.with_columns([pl.Series(name, values[name]) for name in compiled.derived])
 
 
 def build_features(
@@ -147,21 +190,17 @@ def build_features(
     compiled = compile_spec(spec, target, cores, workloads)
     warn_unseen_workloads(frame, workloads, spec)
     position = pl.int_range(pl.len()).over(RUN_COLUMN).alias("position")
-    derived = derived_columns(target, cores)
-    needed = []
-    for c in derived_names(spec):
-        needed += ([e.cast(pl.Float64) for e in derived[c]] if isinstance(derived[c], list)
-                   else [derived[c].cast(pl.Float64).alias(c)])
     out = (
-        frame.lazy()
-        .with_columns(needed)
-        .select(pl.col(RUN_COLUMN), pl.col(TIMESTAMP), pl.col(WORKLOAD), position, *compiled.exprs)
+        with_derived(frame, compiled).lazy()
+        .select(pl.col(RUN_COLUMN), pl.col(TIMESTAMP), pl.col(WORKLOAD), position,
+                *[op_expr(op) for op in compiled.ops])
         .collect()
     )
-    X = out.select(compiled.names).to_numpy() if compiled.names else np.empty((out.height, 0))
+    names = compiled.names
+    X = out.select(names).to_numpy() if names else np.empty((out.height, 0))
     valid = (out["position"] >= spec.history).to_numpy()
     keys = out.select(RUN_COLUMN, TIMESTAMP, WORKLOAD, "position")
-    return FeatureMatrix(names=compiled.names, X=X, valid=valid, keys=keys)
+    return FeatureMatrix(names=names, X=X, valid=valid, keys=keys)
 
 
 def warn_unseen_workloads(frame: pl.DataFrame, workloads: list[str], spec: FeatureSpec) -> None:

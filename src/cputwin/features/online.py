@@ -1,0 +1,80 @@
+"""The online path: the same compiled ops as `engine.py`, one sample at a time.
+
+Each run keeps a ring buffer holding the last `history + 1` values of every source column
+the ops read (raw, or derived by the same `derive` function the batch path uses). A new
+sample costs O(ops), independent of how long the run has been going. A feature vector
+exists once the run has `history` samples behind the current one, exactly where the
+batch path marks rows valid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cputwin.features.engine import WINDOW_DECIMALS, CompiledSpec, derive
+from cputwin.telemetry.schema import OVERALL
+
+
+class OnlineFeatures:
+    """Incremental features of one compiled spec for one run."""
+
+    def __init__(self, compiled: CompiledSpec) -> None:
+        self.compiled = compiled
+        self.length = compiled.history + 1
+        sources = compiled.sources
+        index = {s: i for i, s in enumerate(sources)}
+        self.sources = sources
+        self.ring = np.zeros((self.length, len(sources)))
+        self.count = 0
+        self.target_index = compiled.cores.index(compiled.target)
+        self.n_cores = len(compiled.cores)
+        self.derived = set(compiled.derived)
+        self.raw_sources = [s for s in sources if s not in self.derived]
+        ops = compiled.ops
+        n = len(ops)
+        self.n_features = n
+        # "now" and "lag" read one cell each: gather them in one indexing operation
+        cell = [i for i, op in enumerate(ops) if op.kind in ("now", "lag")]
+        self.cell_out = np.array(cell, dtype=int)
+        self.cell_src = np.array([index[ops[i].source] for i in cell], dtype=int)
+        self.cell_lag = np.array([ops[i].param for i in cell], dtype=int)
+        # windows: grouped by length, so each length slices the ring once
+        self.windows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        for w in sorted({op.param for op in ops if op.kind in ("mean", "std")}):
+            members = [i for i, op in enumerate(ops) if op.kind in ("mean", "std") and op.param == w]
+            self.windows.append((
+                w,
+                np.array(members, dtype=int),
+                np.array([index[ops[i].source] for i in members], dtype=int),
+                np.array([ops[i].kind == "std" for i in members]),
+            ))
+        self.onehot = [(i, op.source) for i, op in enumerate(ops) if op.kind == "onehot"]
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def _row(self, cores: np.ndarray, overall: float) -> np.ndarray:
+        values = dict(zip([c for c in self.compiled.cores], cores, strict=True))
+        values[OVERALL] = overall
+        if self.derived:
+            others = np.delete(cores, self.target_index)[None, :]
+            for name, v in derive(np.array([overall]), others, self.n_cores).items():
+                values[name] = v[0]
+        return np.array([values[s] for s in self.sources])
+
+    def update(self, cores: np.ndarray, overall: float, workload: str) -> np.ndarray | None:
+        """Push one sample; return its feature vector, or None while history is short."""
+        head = self.count % self.length
+        self.ring[head] = self._row(cores, overall)
+        self.count += 1
+        if self.count <= self.compiled.history:
+            return None
+        x = np.empty(self.n_features)
+        x[self.cell_out] = self.ring[(head - self.cell_lag) % self.length, self.cell_src]
+        for w, out, src, is_std in self.windows:
+            block = self.ring[(head - np.arange(w)) % self.length][:, src]
+            mean = block.mean(axis=0)
+            x[out] = np.round(np.where(is_std, block.std(axis=0, ddof=1), mean), WINDOW_DECIMALS)
+        for i, category in self.onehot:
+            x[i] = 1.0 if workload == category else 0.0
+        return x

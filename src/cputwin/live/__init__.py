@@ -1,0 +1,1 @@
+"""Live: the twin running beside the machine, one sample at a time."""

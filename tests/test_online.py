@@ -1,0 +1,64 @@
+"""The online engine is the batch engine, one sample at a time."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from cputwin import TwinStack, load_runs
+from cputwin.features import BUILTIN_SPECS, build_features
+from cputwin.features.engine import compile_spec
+from cputwin.features.online import OnlineFeatures
+from cputwin.live.stream import replay
+from cputwin.models import BUILTIN_BASES
+from cputwin.telemetry.ingest import DataWarning
+
+FAST = {name: {"n_estimators": 25} for name in BUILTIN_BASES}
+
+
+@pytest.mark.parametrize("spec", list(BUILTIN_SPECS.values()), ids=lambda s: s.name)
+@pytest.mark.parametrize("mode", ["sensor", "independent"])
+def test_online_features_equal_batch_features(sample_frame, spec, mode):
+    spec = spec.for_mode(mode)
+    target = "cpu_util_core_1"
+    workloads = sorted(set(sample_frame["workload_type"]))
+    batch = build_features(sample_frame, spec, target, workloads)
+    compiled = compile_spec(spec, target, ["cpu_util_core_0", "cpu_util_core_1"], workloads)
+    cores = sample_frame.select("cpu_util_core_0", "cpu_util_core_1").to_numpy()
+    overall = sample_frame["cpu_util_overall"].to_numpy()
+    runs = sample_frame["run"].to_list()
+    online, current = None, None
+    for i, wl in enumerate(sample_frame["workload_type"].to_list()):
+        if runs[i] != current:
+            online, current = OnlineFeatures(compiled), runs[i]
+        x = online.update(cores[i], overall[i], wl)
+        assert (x is not None) == batch.valid[i]
+        if x is not None:
+            np.testing.assert_allclose(x, batch.X[i], rtol=0, atol=1e-9)
+
+
+def _check_replay(frame, stack):
+    batch = stack.predict(frame)
+    online = replay(stack, frame)
+    np.testing.assert_array_equal(np.isnan(batch), np.isnan(online))
+    ok = ~np.isnan(batch)
+    assert ok.sum() > 0
+    np.testing.assert_allclose(online[ok], batch[ok], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bases", ["seed", "twin"])
+def test_replayed_sample_matches_batch_predictions(sample_frame, bases):
+    stack = TwinStack(bases=bases, base_params=FAST, meta_model="auto",
+                      early_stopping_fraction=0).fit(sample_frame)
+    _check_replay(sample_frame, stack)
+
+
+def test_replayed_seed_data_matches_batch_predictions(seed_data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        frame = load_runs(seed_data)
+    stack = TwinStack(bases="twin", base_params=FAST, meta_model="per_workload",
+                      early_stopping_fraction=0).fit(frame)
+    _check_replay(frame, stack)
