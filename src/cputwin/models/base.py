@@ -121,6 +121,10 @@ def params_for(name: str, overrides: dict[str, Any] | None = None) -> dict[str, 
     params = dict(SEED_PARAMS.get(name, SEED_PARAMS["v2.0"]))
     params.update(overrides or {})
     params.setdefault("verbose", -1)
+    # Same result on every run: LightGBM otherwise times col-wise against row-wise
+    # histogram building at start-up and picks the faster, which a busy machine changes.
+    params.setdefault("deterministic", True)
+    params.setdefault("force_col_wise", True)
     return params
 
 

@@ -1,0 +1,101 @@
+"""Per-tick latency of the live twin: one sample in, one stacked prediction out.
+
+    python bench/latency.py [--ticks 10000] [--naive-ticks 500] [--bases seed] [--json]
+
+Fits a stack (default: the seed's pair, v2.0 + v2.3, under its RidgeCV meta-model) on
+the embedded sample, then streams samples through `TwinStream.update` and, in the same
+run, through the naive path a notebook user would write: append the sample to a pandas
+window, recompute the features with pandas, call `Booster.predict` on a one-row
+DataFrame per base, combine. Reports p50 / p99 / max in microseconds and the ratio of
+the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from cputwin import TwinStack, load_runs
+from cputwin.features.reference import reference_features
+from cputwin.live.stream import OnlineTwin
+from cputwin.pipeline import sample_path
+from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, WORKLOAD
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    us = np.array(seconds) * 1e6
+    return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
+            "max_us": float(us.max())}
+
+
+def stream_ticks(stack: TwinStack, rows: list[tuple], ticks: int) -> list[float]:
+    stream = OnlineTwin(stack).stream()
+    times = []
+    for i in range(ticks):
+        cores, overall, workload = rows[i % len(rows)]
+        start = time.perf_counter()
+        stream.update(cores, overall, workload)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def naive_ticks(stack: TwinStack, frame: pd.DataFrame, ticks: int) -> list[float]:
+    history = stack.history_ + 1
+    window = frame.iloc[:0].copy()
+    times = []
+    for i in range(ticks):
+        row = frame.iloc[[i % len(frame)]]
+        start = time.perf_counter()
+        window = pd.concat([window, row], ignore_index=True).tail(history)
+        preds = []
+        for spec, base in zip(stack.base_specs_, stack.bases_, strict=True):
+            feats, _ = reference_features(window, spec.features, stack.target, stack.workloads_)
+            preds.append(base.booster.predict(feats.tail(1))[0])
+        stack.meta_.predict(np.array([preds]))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run(ticks: int, naive: int, bases: str) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = load_runs(sample_path())
+        stack = TwinStack(bases=bases, meta_model="ridge" if bases == "seed" else "auto")
+        stack.fit(frame)
+    cores = frame.select(stack.schema_.core_columns).to_numpy()
+    rows = list(zip(cores, frame[OVERALL].to_list(), frame[WORKLOAD].to_list(), strict=True))
+    ours = percentiles(stream_ticks(stack, rows, ticks))
+    pdf = frame.to_pandas().assign(**{RUN_COLUMN: "bench"})
+    theirs = percentiles(naive_ticks(stack, pdf, naive))
+    return {"bases": [b.name for b in stack.base_specs_], "ticks": ticks, "naive_ticks": naive,
+            "stack": ours, "naive": theirs, "speedup_p50": theirs["p50_us"] / ours["p50_us"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ticks", type=int, default=10_000)
+    parser.add_argument("--naive-ticks", type=int, default=500)
+    parser.add_argument("--bases", default="seed")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    r = run(args.ticks, args.naive_ticks, args.bases)
+    if args.json:
+        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        return
+    print(f"bases: {', '.join(r['bases'])}")
+    print(f"{'path':<28}{'ticks':>8}{'p50 µs':>12}{'p99 µs':>12}{'max µs':>12}")
+    for name, key, n in (("cputwin TwinStream", "stack", r["ticks"]),
+                         ("naive pandas + predict", "naive", r["naive_ticks"])):
+        s = r[key]
+        print(f"{name:<28}{n:>8}{s['p50_us']:>12.1f}{s['p99_us']:>12.1f}{s['max_us']:>12.1f}")
+    print(f"speed-up at p50: {r['speedup_p50']:.1f}×")
+
+
+if __name__ == "__main__":
+    main()
