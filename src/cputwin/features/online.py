@@ -20,7 +20,8 @@ class OnlineFeatures:
 
     def __init__(self, compiled: CompiledSpec) -> None:
         self.compiled = compiled
-        self.length = compiled.history + 1
+        self.history = compiled.history
+        self.length = self.history + 1
         sources = compiled.sources
         index = {s: i for i, s in enumerate(sources)}
         self.sources = sources
@@ -29,7 +30,9 @@ class OnlineFeatures:
         self.target_index = compiled.cores.index(compiled.target)
         self.n_cores = len(compiled.cores)
         self.derived = set(compiled.derived)
-        self.raw_sources = [s for s in sources if s not in self.derived]
+        raw_columns = [*compiled.cores, OVERALL]
+        self.raw_pos = {c: i for i, c in enumerate(raw_columns)}
+        self.raw_index = np.array([self.raw_pos.get(s, -1) for s in sources], dtype=int)
         ops = compiled.ops
         n = len(ops)
         self.n_features = n
@@ -54,20 +57,21 @@ class OnlineFeatures:
         self.count = 0
 
     def _row(self, cores: np.ndarray, overall: float) -> np.ndarray:
-        values = dict(zip([c for c in self.compiled.cores], cores, strict=True))
-        values[OVERALL] = overall
-        if self.derived:
-            others = np.delete(cores, self.target_index)[None, :]
-            for name, v in derive(np.array([overall]), others, self.n_cores).items():
-                values[name] = v[0]
-        return np.array([values[s] for s in self.sources])
+        """The source columns' values for one sample, in `sources` order."""
+        raw = np.append(cores, overall)
+        if not self.derived:
+            return raw[self.raw_index]
+        others = np.delete(cores, self.target_index)[None, :]
+        derived = derive(np.array([overall]), others, self.n_cores)
+        return np.array([derived[s][0] if s in derived else raw[self.raw_pos[s]]
+                         for s in self.sources])
 
     def update(self, cores: np.ndarray, overall: float, workload: str) -> np.ndarray | None:
         """Push one sample; return its feature vector, or None while history is short."""
         head = self.count % self.length
         self.ring[head] = self._row(cores, overall)
         self.count += 1
-        if self.count <= self.compiled.history:
+        if self.count <= self.history:
             return None
         x = np.empty(self.n_features)
         x[self.cell_out] = self.ring[(head - self.cell_lag) % self.length, self.cell_src]

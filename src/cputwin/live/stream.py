@@ -61,7 +61,7 @@ class TwinStream:
         vectors = [f.update(cores, overall, workload) for f in self.features]
         if any(v is None for v in vectors):
             return Tick(None, None)
-        preds = np.array([float(base.predict(x[None, :])[0])
+        preds = np.array([base.predict_one(x)
                           for base, x in zip(self.twin.stack.bases_, vectors, strict=True)])
         value = float(self.meta.predict(preds[None, :], np.array([workload]))[0])
         return Tick(value, dict(zip(self.twin.names, preds.tolist(), strict=True)))

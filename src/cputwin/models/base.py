@@ -7,6 +7,7 @@ linear base keeps its coefficients as numbers.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -134,7 +135,47 @@ class FittedBase(Protocol):
 
     def predict(self, X: np.ndarray) -> np.ndarray: ...
 
+    def predict_one(self, x: np.ndarray) -> float: ...
+
     def to_dict(self) -> dict[str, Any]: ...
+
+
+class SingleRowPredictor:
+    """LightGBM's fast single-row C entry point, set up once per booster.
+
+    `Booster.predict` validates and converts its input on every call, which costs far
+    more than walking the trees for one row; the C API's FastInit/Fast pair does that
+    set-up once. Same trees, same arithmetic: the result equals `Booster.predict`.
+    """
+
+    def __init__(self, booster: lgb.Booster) -> None:
+        from lightgbm.basic import _LIB, _safe_call
+
+        self._lib, self._safe_call = _LIB, _safe_call
+        self.n_features = booster.num_feature()
+        self.handle = ctypes.c_void_p()
+        _safe_call(_LIB.LGBM_BoosterPredictForMatSingleRowFastInit(
+            booster._handle, ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(-1),
+            ctypes.c_int(1), ctypes.c_int32(self.n_features), ctypes.c_char_p(b"num_threads=1"),
+            ctypes.byref(self.handle)))
+        # buffers and pointers made once: building ctypes pointers costs more than the trees
+        self._row = np.zeros(self.n_features, dtype=np.float64)
+        self._row_ptr = ctypes.c_void_p(self._row.ctypes.data)
+        self._out = np.zeros(1, dtype=np.float64)
+        self._out_ptr = ctypes.c_void_p(self._out.ctypes.data)
+        self._out_len = ctypes.c_int64(0)
+        self._out_len_ref = ctypes.byref(self._out_len)
+        self._predict = _LIB.LGBM_BoosterPredictForMatSingleRowFast
+
+    def __call__(self, x: np.ndarray) -> float:
+        self._row[:] = x
+        self._safe_call(self._predict(self.handle, self._row_ptr, self._out_len_ref,
+                                      self._out_ptr))
+        return float(self._out[0])
+
+    def __del__(self) -> None:
+        if getattr(self, "handle", None) is not None and self.handle.value:
+            self._lib.LGBM_FastConfigFree(self.handle)
 
 
 @dataclass
@@ -144,9 +185,16 @@ class BaseModel:
     feature_set: str
     feature_names: list[str]
     booster: lgb.Booster
+    _single: SingleRowPredictor | None = field(default=None, repr=False, compare=False)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.booster.predict(X, num_threads=1)
+
+    def predict_one(self, x: np.ndarray) -> float:
+        """One row, through the fast single-row path (for live streams)."""
+        if self._single is None:
+            self._single = SingleRowPredictor(self.booster)
+        return self._single(x)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -168,6 +216,9 @@ class LinearModel:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.intercept + X @ self.coef
+
+    def predict_one(self, x: np.ndarray) -> float:
+        return float(self.intercept + x @ self.coef)
 
     def to_dict(self) -> dict[str, Any]:
         return {"learner": "linear", "feature_set": self.feature_set,
