@@ -123,3 +123,16 @@ def test_a_portable_twin_moves_to_a_machine_with_another_core_count(sample_frame
     seed_like = TwinStack(bases="seed", base_params=FAST_ALL, early_stopping_fraction=0).fit(frame)
     with pytest.raises(ModelError, match="trained on 4 cores, data has 2"):
         seed_like.predict(sample_frame)
+
+
+@pytest.mark.parametrize("cores", [1, 3, 16])
+def test_any_core_count_and_any_target(cores):
+    frame = _runs(cores=cores, n=200)
+    target = f"cpu_util_core_{cores - 1}"
+    for mode in ("sensor", "independent"):
+        stack = TwinStack(bases="twin", target=target, mode=mode, base_params=FAST_ALL,
+                          early_stopping_fraction=0, meta_model="auto").fit(frame)
+        pred = stack.predict(frame)
+        position = frame.select(pl.int_range(pl.len()).over("run"))[:, 0].to_numpy()
+        assert np.isfinite(pred[position >= stack.history_]).all()
+        assert np.isnan(pred[position < stack.history_]).all()

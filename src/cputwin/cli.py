@@ -271,7 +271,8 @@ def collect(
 @app.command()
 def demo(
     live: Annotated[bool, typer.Option(help="Record fresh telemetry of this machine first.")] = False,
-    seconds: Annotated[float, typer.Option(help="With --live: seconds per workload.")] = 30.0,
+    seconds: Annotated[float, typer.Option(
+        help="With --live: seconds per workload (20 or more: the honest split needs history).")] = 30.0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write.")] = Path("cputwin-demo"),
     as_json: JsonOpt = False,
 ) -> None:

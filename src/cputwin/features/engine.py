@@ -174,8 +174,8 @@ def with_derived(frame: pl.DataFrame, compiled: CompiledSpec) -> pl.DataFrame:
     if not compiled.derived:
         return frame
     others = [c for c in compiled.cores if c != compiled.target]
-    values = derive(frame[OVERALL].to_numpy(), frame.select(others).to_numpy(),
-                    len(compiled.cores))
+    matrix = frame.select(others).to_numpy() if others else np.zeros((frame.height, 0))
+    values = derive(frame[OVERALL].to_numpy(), matrix, len(compiled.cores))
     return frame.with_columns([pl.Series(name, values[name]) for name in compiled.derived])
 
 
