@@ -116,3 +116,15 @@ def test_unknown_builtin_and_spec_round_trip():
     with pytest.raises(FeatureError, match="unknown feature set 'v9'"):
         get_spec("v9")
     assert FeatureSpec.from_dict(WITH_WINDOWS.to_dict()) == WITH_WINDOWS
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_interleaved_runs_give_the_same_features_row_for_row(spec):
+    frame = _multi_run(n_runs=3, n=60).with_columns(pl.int_range(pl.len()).alias("i"))
+    # round-robin over runs: no run is contiguous, each run keeps its own order
+    shuffled = frame.sort(pl.int_range(pl.len()).over("run"), "run")
+    a = build_features(frame, spec, "cpu_util_core_0", ["a", "b"])
+    b = build_features(shuffled.drop("i"), spec, "cpu_util_core_0", ["a", "b"])
+    order = shuffled["i"].to_numpy()
+    np.testing.assert_array_equal(a.valid[order], b.valid)
+    np.testing.assert_allclose(a.X[order][b.valid], b.X[b.valid], rtol=0, atol=1e-12)

@@ -153,20 +153,35 @@ def compile_spec(
     return CompiledSpec(spec=spec, target=target, cores=tuple(cores), ops=tuple(ops))
 
 
-def op_expr(op: Op) -> pl.Expr:
-    """The batch form of one op."""
+def op_expr(op: Op, contiguous: bool = False) -> pl.Expr:
+    """The batch form of one op.
+
+    When each run's rows are contiguous (as `load_runs` gives them), a lag or window is
+    taken over the whole column and nulled where it would reach into the previous run
+    (position in run < lag, or < window - 1): the same values as `.over(run)`, about
+    eight times faster. Otherwise it is taken `.over(run)`.
+    """
     col = pl.col(op.source)
     if op.kind == "now":
-        expr = col
-    elif op.kind == "onehot":
-        expr = pl.col(WORKLOAD) == op.source
-    elif op.kind == "lag":
-        expr = col.shift(op.param).over(RUN_COLUMN)
+        return col.cast(pl.Float64).alias(op.name)
+    if op.kind == "onehot":
+        return (pl.col(WORKLOAD) == op.source).cast(pl.Float64).alias(op.name)
+    if op.kind == "lag":
+        expr, reach = col.shift(op.param), op.param
     elif op.kind == "mean":
-        expr = col.rolling_mean(op.param).over(RUN_COLUMN).round(WINDOW_DECIMALS)
+        expr, reach = col.rolling_mean(op.param).round(WINDOW_DECIMALS), op.param - 1
     else:
-        expr = col.rolling_std(op.param, ddof=1).over(RUN_COLUMN).round(WINDOW_DECIMALS)
-    return expr.cast(pl.Float64).alias(op.name)
+        expr = col.rolling_std(op.param, ddof=1).round(WINDOW_DECIMALS)
+        reach = op.param - 1
+    expr = pl.when(pl.col("position") >= reach).then(expr) if contiguous else expr.over(RUN_COLUMN)
+    # missing history as NaN, not null: the matrix then leaves Polars in one copy
+    return expr.cast(pl.Float64).fill_null(float("nan")).alias(op.name)
+
+
+def runs_are_contiguous(frame: pl.DataFrame) -> bool:
+    """True when every run's rows form one block."""
+    changes = int((frame[RUN_COLUMN] != frame[RUN_COLUMN].shift(1)).sum())
+    return changes + 1 == frame[RUN_COLUMN].n_unique() if frame.height else True
 
 
 def with_derived(frame: pl.DataFrame, compiled: CompiledSpec) -> pl.DataFrame:
@@ -189,15 +204,18 @@ def build_features(
     cores = schema_of(frame).core_columns
     compiled = compile_spec(spec, target, cores, workloads)
     warn_unseen_workloads(frame, workloads, spec)
+    contiguous = runs_are_contiguous(frame)
     position = pl.int_range(pl.len()).over(RUN_COLUMN).alias("position")
     out = (
         with_derived(frame, compiled).lazy()
-        .select(pl.col(RUN_COLUMN), pl.col(TIMESTAMP), pl.col(WORKLOAD), position,
-                *[op_expr(op) for op in compiled.ops])
+        .with_columns(position)
+        .select(pl.col(RUN_COLUMN), pl.col(TIMESTAMP), pl.col(WORKLOAD), pl.col("position"),
+                *[op_expr(op, contiguous) for op in compiled.ops])
         .collect()
     )
     names = compiled.names
-    X = out.select(names).to_numpy() if names else np.empty((out.height, 0))
+    X = (out.select(names).to_numpy(order="fortran") if names
+         else np.empty((out.height, 0)))
     valid = (out["position"] >= spec.history).to_numpy()
     keys = out.select(RUN_COLUMN, TIMESTAMP, WORKLOAD, "position")
     return FeatureMatrix(names=names, X=X, valid=valid, keys=keys)
