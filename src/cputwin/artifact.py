@@ -2,8 +2,8 @@
 
 Layout: {"format": "cputwin-twin", "format_version": 1, "payload_sha256": ...,
 "payload": {...}}. The payload holds LightGBM text models, the linear meta-model's
-weights, feature specs, workload categories, the schema, a fingerprint of the
-training files, metrics and package versions. Nothing is unpickled or executed: a
+weights, the anomaly detector's calibration, feature specs, workload categories, the
+schema, a fingerprint of the training files, metrics and package versions. Nothing is unpickled or executed: a
 truncated file fails gzip's CRC or JSON parsing, an edited one fails the checksum.
 """
 
@@ -41,10 +41,12 @@ def _canonical(payload: dict[str, Any]) -> bytes:
 
 
 def save_twin(
-    stack: TwinStack, path: Path, *, training: dict[str, Any], metrics: dict[str, Any]
+    stack: TwinStack, path: Path, *, training: dict[str, Any], metrics: dict[str, Any],
+    detector: dict[str, Any] | None = None,
 ) -> Path:
     payload = {
         "stack": stack.to_dict(),
+        "detector": detector,
         "training": training,
         "metrics": metrics,
         "versions": {p: version(p) for p in PACKAGES},

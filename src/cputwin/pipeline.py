@@ -25,6 +25,7 @@ from cputwin.evaluation.protocols import (
     evaluate_transfer,
 )
 from cputwin.evaluation.report import write_report
+from cputwin.live.detector import calibrate
 from cputwin.models import TwinStack
 from cputwin.telemetry.ingest import load_runs, resolve_paths, schema_of
 from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD
@@ -141,7 +142,8 @@ def train(
     }}
     training = {"fingerprint": fingerprint(paths), "rows": frame.height,
                 "runs": frame[RUN_COLUMN].n_unique()}
-    save_twin(stack, Path(out), training=training, metrics=metrics)
+    detector = calibrate(stack, frame)
+    save_twin(stack, Path(out), training=training, metrics=metrics, detector=detector.to_dict())
     return {"twin": str(out), "target": target, "mode": mode, "rows": frame.height, **metrics,
             "meta": {"kind": stack.meta_.kind, "weights": stack.meta_weights_,
                      "intercept": stack.meta_intercept_}}

@@ -15,24 +15,32 @@ import polars as pl
 from cputwin.errors import DataError
 from cputwin.features.engine import compile_spec
 from cputwin.features.online import OnlineFeatures
+from cputwin.live.detector import Detector
 from cputwin.models import TwinStack
 from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, WORKLOAD, Schema
 
 
 @dataclass
 class Tick:
-    """One sample's outcome: the twin's value (None until history is complete) and bases'."""
+    """One sample's outcome: the twin's value (None until history is complete), the bases',
+    and with a detector: residual (observed − twin), score, alarm state, raise/clear event."""
 
     prediction: float | None
     bases: dict[str, float] | None
+    residual: float | None = None
+    score: float | None = None
+    alarm: bool = False
+    event: str | None = None
 
 
 class OnlineTwin:
     """A fitted stack, ready to open streams."""
 
-    def __init__(self, stack: TwinStack, n_cores: int | None = None) -> None:
+    def __init__(self, stack: TwinStack, n_cores: int | None = None,
+                 detector: Detector | None = None) -> None:
         stack._check_fitted()
         self.stack = stack
+        self.detector = detector
         self.schema = Schema(n_cores=n_cores or stack.schema_.n_cores)
         if self.schema != stack.schema_ and not stack.portable_:
             raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, "
@@ -54,6 +62,7 @@ class TwinStream:
         self.features = [OnlineFeatures(c) for c in twin.compiled]
         self.target_index = twin.schema.core_columns.index(twin.stack.target)
         self.meta = twin.stack.meta_
+        self.watch = twin.detector.stream() if twin.detector is not None else None
 
     def update(self, cores: np.ndarray, overall: float, workload: str) -> Tick:
         """Push one sample: all cores' utilisation (the target's is not read), the overall
@@ -64,7 +73,12 @@ class TwinStream:
         preds = np.array([base.predict_one(x)
                           for base, x in zip(self.twin.stack.bases_, vectors, strict=True)])
         value = float(self.meta.predict(preds[None, :], np.array([workload]))[0])
-        return Tick(value, dict(zip(self.twin.names, preds.tolist(), strict=True)))
+        tick = Tick(value, dict(zip(self.twin.names, preds.tolist(), strict=True)))
+        if self.watch is not None:
+            tick.residual = float(cores[self.target_index]) - value
+            verdict = self.watch.update(tick.residual, workload)
+            tick.score, tick.alarm, tick.event = verdict.score, verdict.alarm, verdict.event
+        return tick
 
 
 def replay(stack: TwinStack, frame: pl.DataFrame) -> np.ndarray:

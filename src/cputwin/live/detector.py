@@ -1,0 +1,163 @@
+"""Anomaly detection on the twin's residual (observed − twin).
+
+Calibrated at training time from out-of-fold residuals (rows the base models never saw),
+per workload where a workload has enough of them:
+
+    z      = (residual − centre[w]) / scale[w]        robust centre and scale (median, MAD)
+    score  = EWMA of z with weight `alpha`            smooths 100 ms noise
+    alarm  raised after `raise_ticks` ticks with score > `threshold`,
+           cleared after `clear_ticks` ticks with score < `threshold` / 2 (hysteresis)
+
+`threshold` is the lowest value at which replaying the out-of-fold residuals through the
+same alarm logic raises no more than `false_alarms_per_hour` alarms. The score is one-sided
+by default (the core busier than the twin expects: a hidden process, a noisy neighbour);
+`two_sided` also catches a core quieter than expected (a stuck scheduler).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+GLOBAL = "*"
+MIN_ROWS_PER_WORKLOAD = 200
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass
+class Detector:
+    alpha: float = 0.3
+    raise_ticks: int = 5
+    clear_ticks: int = 10
+    false_alarms_per_hour: float = 1.0
+    two_sided: bool = False
+    centre: dict[str, float] = field(default_factory=dict)
+    scale: dict[str, float] = field(default_factory=dict)
+    threshold: float = float("inf")
+    calibration: dict[str, float] = field(default_factory=dict)
+
+    def fit(self, residuals: np.ndarray, workloads: np.ndarray, segments: np.ndarray,
+            rate_hz: float) -> Detector:
+        """Calibrate from residuals in time order; `segments` labels unbroken stretches."""
+        self.centre, self.scale = {}, {}
+        groups = [(GLOBAL, np.ones(residuals.size, bool))] + [
+            (str(w), workloads == w) for w in np.unique(workloads)
+            if (workloads == w).sum() >= MIN_ROWS_PER_WORKLOAD]
+        for name, rows in groups:
+            centre = float(np.median(residuals[rows]))
+            mad = float(np.median(np.abs(residuals[rows] - centre))) * MAD_TO_SIGMA
+            self.centre[name], self.scale[name] = centre, max(mad, 1.0)
+        scores = np.concatenate([self._scores(residuals[segments == s], workloads[segments == s])
+                                 for s in np.unique(segments)])
+        bounds = np.concatenate([[True], segments[1:] != segments[:-1]])
+        hours = residuals.size / rate_hz / 3600
+        candidates = np.unique(np.quantile(scores, np.linspace(0.5, 1.0, 201)))
+        self.threshold = float(scores.max() + 1.0)
+        for t in candidates:
+            if count_raises(scores, bounds, t, self.raise_ticks, self.clear_ticks) / hours \
+                    <= self.false_alarms_per_hour:
+                self.threshold = float(t)
+                break
+        self.calibration = {"rows": int(residuals.size), "hours": hours,
+                            "false_alarms": count_raises(scores, bounds, self.threshold,
+                                                         self.raise_ticks, self.clear_ticks)}
+        return self
+
+    def z(self, residual: float, workload: str) -> float:
+        key = workload if workload in self.scale else GLOBAL
+        value = (residual - self.centre[key]) / self.scale[key]
+        return abs(value) if self.two_sided else value
+
+    def _scores(self, residuals: np.ndarray, workloads: np.ndarray) -> np.ndarray:
+        state = DetectorState(self)
+        return np.array([state.smooth(self.z(r, w)) for r, w in zip(residuals, workloads,
+                                                                     strict=True)])
+
+    def stream(self) -> DetectorState:
+        return DetectorState(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Detector:
+        return cls(**data)
+
+
+class Hysteresis:
+    """The alarm logic: raise after `raise_ticks` scores above `threshold`, clear after
+    `clear_ticks` scores below half of it. Used live and to calibrate the threshold."""
+
+    def __init__(self, threshold: float, raise_ticks: int, clear_ticks: int) -> None:
+        self.threshold, self.raise_ticks, self.clear_ticks = threshold, raise_ticks, clear_ticks
+        self.alarm, self.high, self.low = False, 0, 0
+
+    def step(self, score: float) -> str | None:
+        if not self.alarm:
+            self.high = self.high + 1 if score > self.threshold else 0
+            if self.high >= self.raise_ticks:
+                self.alarm, self.low = True, 0
+                return "raise"
+        else:
+            self.low = self.low + 1 if score < self.threshold / 2 else 0
+            if self.low >= self.clear_ticks:
+                self.alarm, self.high = False, 0
+                return "clear"
+        return None
+
+
+def count_raises(scores: np.ndarray, segment_starts: np.ndarray, threshold: float,
+                 raise_ticks: int, clear_ticks: int) -> int:
+    """How many alarms the hysteresis logic raises on these scores (fresh at each segment)."""
+    count, logic = 0, None
+    for s, start in zip(scores, segment_starts, strict=True):
+        if start or logic is None:
+            logic = Hysteresis(threshold, raise_ticks, clear_ticks)
+        count += logic.step(s) == "raise"
+    return count
+
+
+@dataclass
+class Verdict:
+    score: float
+    alarm: bool
+    event: str | None  # "raise", "clear" or None
+
+
+class DetectorState:
+    """The detector's memory for one stream: the smoothed score and the alarm logic."""
+
+    def __init__(self, detector: Detector) -> None:
+        self.d = detector
+        self.ewma: float | None = None
+        self.logic = Hysteresis(detector.threshold, detector.raise_ticks, detector.clear_ticks)
+
+    def smooth(self, z: float) -> float:
+        self.ewma = z if self.ewma is None else self.d.alpha * z + (1 - self.d.alpha) * self.ewma
+        return self.ewma
+
+    def update(self, residual: float, workload: str) -> Verdict:
+        score = self.smooth(self.d.z(residual, workload))
+        event = self.logic.step(score)
+        return Verdict(score, self.logic.alarm, event)
+
+
+def calibrate(stack: Any, frame: Any, **settings: Any) -> Detector:
+    """A detector for a fitted `TwinStack`, from the out-of-fold residuals of its training
+    frame (the rows each base model never saw)."""
+    import polars as pl
+
+    from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD
+
+    rows = stack.oof_index_
+    workloads = frame[WORKLOAD].to_numpy()[rows]
+    predicted = stack.meta_.predict(stack.oof_predictions_, workloads)
+    residuals = frame[stack.target].to_numpy()[rows] - predicted
+    runs = frame[RUN_COLUMN].to_numpy()[rows]
+    # unbroken stretches: a run's rows inside one fold's block (rows are in time order there)
+    breaks = np.concatenate([[False], (runs[1:] != runs[:-1]) | (np.diff(rows) != 1)])
+    step_s = frame.select(pl.col(TIMESTAMP).diff().over(RUN_COLUMN).median()).item()
+    rate_hz = 1.0 / step_s if step_s and step_s > 0 else 10.0
+    return Detector(**settings).fit(residuals, workloads, np.cumsum(breaks), rate_hz)

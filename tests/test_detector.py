@@ -1,0 +1,72 @@
+"""The anomaly detector: calibrated on out-of-fold residuals, alarms with hysteresis."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cputwin import TwinStack
+from cputwin.live.detector import Detector, Hysteresis, calibrate, count_raises
+from cputwin.live.stream import OnlineTwin
+from cputwin.models import BUILTIN_BASES
+from helpers import synthetic_run
+
+FAST = {name: {"n_estimators": 30} for name in BUILTIN_BASES}
+
+
+def test_hysteresis_raises_after_k_high_and_clears_after_k_low():
+    logic = Hysteresis(threshold=2.0, raise_ticks=3, clear_ticks=2)
+    events = [logic.step(s) for s in [3, 3, 0, 3, 3, 3, 3, 1.5, 0.5, 0.5, 0.5]]
+    assert events == [None, None, None, None, None, "raise", None, None, None, "clear", None]
+
+
+def test_threshold_meets_the_stated_false_alarm_rate():
+    rng = np.random.default_rng(0)
+    residuals = rng.standard_t(3, 36_000) * 3  # an hour at 10 Hz, heavy tails
+    wl = np.array(["w"] * residuals.size)
+    seg = np.repeat(np.arange(10), 3600)
+    det = Detector(false_alarms_per_hour=1.0).fit(residuals, wl, seg, rate_hz=10)
+    assert det.calibration["false_alarms"] <= 1
+    looser = Detector(false_alarms_per_hour=50.0).fit(residuals, wl, seg, rate_hz=10)
+    assert looser.threshold < det.threshold
+    scores = det._scores(residuals, wl)
+    starts = np.r_[True, seg[1:] != seg[:-1]]
+    assert count_raises(scores, starts, det.threshold, det.raise_ticks, det.clear_ticks) <= 1
+
+
+def test_round_trip_through_a_dict():
+    det = Detector().fit(np.arange(500.0) % 7, np.array(["a"] * 500), np.zeros(500), 10)
+    assert Detector.from_dict(det.to_dict()) == det
+
+
+def _runs(n_runs=4, n=400, seed=0):
+    frames = []
+    for i in range(n_runs):
+        f = synthetic_run(n=n, cores=4, seed=seed + i, workload="w", t0=1e9 + 1e5 * i)
+        frames.append(f.with_columns(pl.lit(f"r{i}").alias("run")).select("run", pl.exclude("run")))
+    return pl.concat(frames)
+
+
+@pytest.fixture(scope="module")
+def independent_twin():
+    frame = _runs()
+    stack = TwinStack(bases=["gbm_l2", "gbm_pooled"], mode="independent", base_params=FAST,
+                      early_stopping_fraction=0, meta_model="auto").fit(frame)
+    return stack, calibrate(stack, frame)
+
+
+def test_a_hidden_process_on_the_target_core_raises_an_alarm(independent_twin):
+    stack, detector = independent_twin
+    held_out = synthetic_run(n=400, cores=4, seed=99, workload="w").with_columns(
+        pl.lit("new").alias("run"))
+    busy = held_out.with_columns(
+        pl.when(pl.int_range(pl.len()).is_between(200, 260))
+        .then(100.0).otherwise(pl.col("cpu_util_core_0")).alias("cpu_util_core_0"))
+    stream = OnlineTwin(stack, detector=detector).stream()
+    cores = busy.select([f"cpu_util_core_{i}" for i in range(4)]).to_numpy()
+    overall = busy["cpu_util_overall"].to_numpy()
+    events = [(i, stream.update(cores[i], overall[i], "w").event) for i in range(busy.height)]
+    raised = [i for i, e in events if e == "raise"]
+    assert raised and 200 <= raised[0] <= 215  # caught within 1.5 s at 10 Hz
+    assert not [i for i in raised if i < 200]
