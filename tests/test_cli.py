@@ -147,3 +147,20 @@ def test_transfer_to_another_machine(sample_data, tmp_path):
     assert s["machines"] == {"train_cores": 4, "test_cores": 2}
     refused = run("evaluate", four, "--test", sample_data, "--bases", "seed")
     assert refused.exit_code == 2 and "only a twin of portable bases" in refused.stderr
+
+
+def test_watch_records_and_exits_cleanly(sample_data, tmp_path):
+    twin = tmp_path / "portable.cputwin"  # portable: runs on a machine of any core count
+    assert run("train", sample_data, "-o", twin, "--bases", "physics_linear,gbm_portable",
+               "--mode", "independent").exit_code == 0
+    events = tmp_path / "events.jsonl"
+    result = run("watch", twin, "--seconds", "4", "--record", tmp_path / "rec", "--events", events,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert 30 <= summary["ticks"] <= 40
+    table = pl.read_parquet(summary["record"])
+    assert table.height == summary["ticks"]
+    assert {"prediction", "residual", "score", "alarm", "cpu_util_core_0"} <= set(table.columns)
+    assert table["prediction"].drop_nulls().len() > 0  # past the twin's history
+    assert events.exists() or summary["alarms"] == 0

@@ -296,6 +296,74 @@ def demo(
     out.print(f"report: {result.report}\ntwin:   {result.twin}")
 
 
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    return "".join(SPARK[min(int(v / 100 * len(SPARK)), len(SPARK) - 1)] if v == v else " "
+                   for v in values)
+
+
+@app.command()
+def watch(
+    twin: Annotated[Path, typer.Argument(help="A .cputwin file trained on this kind of machine.")],
+    workload: Annotated[str, typer.Option(help="Label of what this machine is running.")] = "idle",
+    seconds: Annotated[float | None, typer.Option(help="Stop after this long (default: Ctrl-C).")]
+    = None,
+    rate: Annotated[float, typer.Option(help="Samples per second.")] = 10.0,
+    record: Annotated[Path | None, typer.Option(
+        help="Write telemetry, predictions, scores and alarms to parquet in this folder.")] = None,
+    events: Annotated[Path | None, typer.Option(
+        help="Append each alarm raise/clear to this file as a JSON line.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sample this machine live, predict the twin's core every tick, raise alarms."""
+    from collections import deque
+
+    from rich.live import Live
+    from rich.panel import Panel
+
+    with cli_errors():
+        from cputwin import pipeline
+        from cputwin.live.watch import watch as run_watch
+
+        stack, detector, _ = pipeline.open_twin(twin)
+        observed, predicted = deque(maxlen=60), deque(maxlen=60)
+        live = Live(console=err, auto_refresh=False,
+                    transient=False) if err.is_terminal and not as_json else None
+
+        def show(row: dict, tick) -> None:
+            observed.append(row[stack.target])
+            predicted.append(tick.prediction if tick.prediction is not None else float("nan"))
+            if tick.event and not live and not as_json:
+                out.print(f"alarm {tick.event} at {row['timestamp']:.1f} (score {tick.score:.2f})")
+            if live:
+                state = "[bold red]ALARM[/]" if tick.alarm else "[green]ok[/]"
+                twin_v = "…" if tick.prediction is None else f"{tick.prediction:6.1f}"
+                resid = "" if tick.residual is None else f"{tick.residual:+6.1f}"
+                score = "" if tick.score is None else f"{tick.score:5.2f}"
+                body = (f"{stack.target} ({stack.mode} twin, workload {workload})\n"
+                        f"observed {row[stack.target]:6.1f}   twin {twin_v}   residual {resid}   "
+                        f"score {score} / {detector.threshold if detector else float('nan'):.2f}"
+                        f"   {state}\n"
+                        f"observed {sparkline(list(observed))}\n"
+                        f"twin     {sparkline(list(predicted))}")
+                live.update(Panel(body, title="cputwin watch · Ctrl-C to stop"), refresh=True)
+
+        if live:
+            live.start()
+        try:
+            summary = run_watch(stack, detector, show, workload, rate, seconds, record, events)
+        finally:
+            if live:
+                live.stop()
+    if as_json:
+        _json(summary)
+    else:
+        out.print(f"{summary['ticks']} ticks, {summary['alarms']} alarms"
+                  + (f", recorded to {summary['record']}" if summary["record"] else ""))
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"cputwin {__version__}")

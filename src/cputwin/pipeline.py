@@ -25,7 +25,7 @@ from cputwin.evaluation.protocols import (
     evaluate_transfer,
 )
 from cputwin.evaluation.report import write_report
-from cputwin.live.detector import calibrate
+from cputwin.live.detector import Detector, calibrate
 from cputwin.models import TwinStack
 from cputwin.telemetry.ingest import load_runs, resolve_paths, schema_of
 from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD
@@ -171,6 +171,13 @@ def predict(twin: Path, data: Any, out: Path) -> dict[str, Any]:
     if ok.sum() >= 2:
         result["scores"] = scores(frame[stack.target].to_numpy()[ok], pred[ok])
     return result
+
+
+def open_twin(path: Path) -> tuple[TwinStack, Detector | None, dict[str, Any]]:
+    """A saved twin: its stack, its anomaly detector (if calibrated), its payload."""
+    stack, payload = load_twin(Path(path))
+    detector = Detector.from_dict(payload["detector"]) if payload.get("detector") else None
+    return stack, detector, payload
 
 
 @dataclass

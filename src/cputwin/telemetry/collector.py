@@ -14,7 +14,7 @@ import json
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +57,23 @@ def _temperature() -> float | None:
     except (OSError, RuntimeError):
         return None
     return sum(temps) / len(temps) if temps else None
+
+
+def ticks(rate: float, n_ticks: int | None = None) -> Iterator[int]:
+    """Yield tick numbers 1, 2, … at `rate` Hz, drift-free: tick k is due at start + k/rate
+    on the monotonic clock; a tick already late by more than a period is skipped."""
+    period = 1.0 / rate
+    start = time.monotonic()
+    k = 1
+    while n_ticks is None or k <= n_ticks:
+        delay = start + k * period - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        elif -delay > period:
+            k += int(-delay // period)
+            continue
+        yield k
+        k += 1
 
 
 class Sampler:
@@ -155,19 +172,9 @@ class Collector:
         return RunResult(final, rows, self._median_step(final))
 
     def _loop(self, sampler, workload, seconds, proc, writer, tick) -> None:
-        period = 1.0 / self.rate
-        start = time.monotonic()
         n_ticks = int(round(seconds * self.rate))
-        next_flush = start + self.flush_interval
-        k = 1
-        while k <= n_ticks:
-            due = start + k * period
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            elif -delay > period:  # late by more than a tick: skip, don't bunch
-                k += int(-delay // period)
-                continue
+        next_flush = time.monotonic() + self.flush_interval
+        for k in ticks(self.rate, n_ticks):
             reason = proc.died()
             if reason:
                 raise WorkloadError(f"workload {workload!r} {reason}; run not saved")
@@ -177,7 +184,6 @@ class Collector:
                 next_flush += self.flush_interval
             if tick:
                 tick(k / n_ticks)
-            k += 1
 
     @staticmethod
     def _median_step(path: Path) -> float:

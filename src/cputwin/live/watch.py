@@ -1,0 +1,103 @@
+"""Watch this machine live: sample, predict, score, alarm, and record it all.
+
+The sampling is the collector's (`Sampler`, drift-free `ticks`); the prediction and the
+alarm are a `TwinStream`'s. Records and events are flushed as they happen, so Ctrl-C
+loses nothing: the recording is a parquet file per flush in `DIR/watch-<time>.parts`,
+merged into `DIR/watch-<time>.parquet` on a clean stop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cputwin.errors import DataError
+from cputwin.live.detector import Detector
+from cputwin.live.stream import OnlineTwin, Tick
+from cputwin.models import TwinStack
+from cputwin.telemetry.collector import PartWriter, Sampler, merge_parts, ticks
+from cputwin.telemetry.schema import OVERALL, TIMESTAMP, WORKLOAD
+
+RECORD_FIELDS = ("prediction", "residual", "score", "alarm")
+
+
+class Recorder:
+    """Telemetry plus the twin's verdict per tick, as crash-safe parquet parts."""
+
+    def __init__(self, folder: Path, sampler: Sampler) -> None:
+        self.stem = f"watch_{datetime.now().strftime('%Y%m%d_%H%M%S')}"
+        self.parts = folder / f"{self.stem}.parts"
+        self.parts.mkdir(parents=True, exist_ok=False)
+        base = [pa.field(c, pa.float64()) for c in sampler.schema.column_order()[:-1]]
+        extra = [pa.field(f, pa.bool_() if f == "alarm" else pa.float64()) for f in RECORD_FIELDS]
+        self.writer = PartWriter(self.parts, pa.schema([*base, pa.field(WORKLOAD, pa.string()),
+                                                        *extra]))
+
+    def add(self, row: dict[str, Any], tick: Tick) -> None:
+        self.writer.add({**row, "prediction": tick.prediction, "residual": tick.residual,
+                         "score": tick.score, "alarm": tick.alarm})
+
+    def close(self, meta: dict[str, Any]) -> Path:
+        self.writer.flush()
+        final = self.parts.parent / f"{self.stem}.parquet"
+        merge_parts(self.parts, final, meta)
+        return final
+
+
+def watch(
+    stack: TwinStack,
+    detector: Detector | None,
+    on_tick: Callable[[dict[str, Any], Tick], None],
+    workload: str = "unknown",
+    rate: float = 10.0,
+    seconds: float | None = None,
+    record: Path | None = None,
+    events: Path | None = None,
+) -> dict[str, Any]:
+    """Sample this machine until `seconds` pass or KeyboardInterrupt; returns a summary."""
+    sampler = Sampler()
+    if sampler.schema.n_cores != stack.schema_.n_cores and not stack.portable_:
+        raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, this machine "
+                        f"has {sampler.schema.n_cores}")
+    stream = OnlineTwin(stack, n_cores=sampler.schema.n_cores, detector=detector).stream()
+    cores = sampler.schema.core_columns
+    recorder = Recorder(record, sampler) if record else None
+    event_file = open(events, "a", encoding="utf-8") if events else None  # noqa: SIM115
+    n_ticks = None if seconds is None else int(round(seconds * rate))
+    summary: dict[str, Any] = {"ticks": 0, "alarms": 0, "record": None, "interrupted": False}
+    last_flush = time.monotonic()
+    try:
+        for _ in ticks(rate, n_ticks):
+            row = sampler.sample(workload)
+            tick = stream.update(np.array([row[c] for c in cores]), row[OVERALL], workload)
+            summary["ticks"] += 1
+            if tick.event == "raise":
+                summary["alarms"] += 1
+            if event_file and tick.event:
+                event_file.write(json.dumps({"event": tick.event, "timestamp": row[TIMESTAMP],
+                                             "target": stack.target, "score": tick.score,
+                                             "residual": tick.residual}) + "\n")
+                event_file.flush()
+            if recorder:
+                recorder.add(row, tick)
+                if time.monotonic() - last_flush >= 0.5:
+                    recorder.writer.flush()
+                    last_flush = time.monotonic()
+            on_tick(row, tick)
+    except KeyboardInterrupt:
+        summary["interrupted"] = True
+    finally:
+        if event_file:
+            event_file.close()
+        if recorder:
+            summary["record"] = str(recorder.close({
+                "watch": True, "target": stack.target, "mode": stack.mode, "rate_hz": rate,
+                "workload": workload}))
+    return summary
