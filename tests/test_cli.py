@@ -163,4 +163,6 @@ def test_watch_records_and_exits_cleanly(sample_data, tmp_path):
     assert table.height == summary["ticks"]
     assert {"prediction", "residual", "score", "alarm", "cpu_util_core_0"} <= set(table.columns)
     assert table["prediction"].drop_nulls().len() > 0  # past the twin's history
-    assert events.exists() or summary["alarms"] == 0
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert all(e["event"] in ("raise", "clear") for e in lines)
+    assert sum(e["event"] == "raise" for e in lines) == summary["alarms"]
