@@ -364,6 +364,28 @@ def watch(
                   + (f", recorded to {summary['record']}" if summary["record"] else ""))
 
 
+@app.command()
+def serve(
+    twin: Annotated[Path, typer.Argument(help="A .cputwin file.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_streams: Annotated[int, typer.Option(help="Live streams kept at most.")] = 1000,
+    stream_ttl: Annotated[float, typer.Option(help="Seconds before an idle stream expires.")]
+    = 300.0,
+    max_body: Annotated[int, typer.Option(help="Largest request body, in bytes.")] = 1_000_000,
+) -> None:
+    """Serve the twin over HTTP: /v1/predict, /v1/streams/{id}/samples, /healthz, /metrics."""
+    with cli_errors():
+        import uvicorn
+
+        from cputwin.artifact import read_payload
+        from cputwin.live.serve import create_app
+
+        read_payload(twin)  # a bad file fails here, in one line, before the server starts
+        uvicorn.run(create_app(twin, max_streams, stream_ttl, max_body), host=host, port=port,
+                    log_level="warning")
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"cputwin {__version__}")

@@ -1,0 +1,237 @@
+"""The twin as an HTTP service (FastAPI): batch predictions and live streams.
+
+    POST /v1/predict                       rows of one run -> the twin's value per row
+    POST /v1/streams/{stream_id}/samples   new samples of a live stream -> prediction,
+                                           residual, score, alarm per sample
+    GET  /healthz                          GET /metrics (Prometheus text)   GET /openapi.json
+
+The twin is loaded once, in the lifespan; endpoints only read it. Every bad input is a 4xx
+with a one-line `detail`: malformed JSON or wrong types (422), a missing or out-of-range
+column or a core count that is not the twin's (422), a timestamp that goes backwards in
+a stream (409), a body over the limit (413), a new stream beyond the cap (429). Idle
+streams expire, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from cputwin.errors import CputwinError
+from cputwin.telemetry.ingest import check_run
+from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, WORKLOAD
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Sample(BaseModel):
+    """One telemetry sample: timestamp, overall and per-core utilisation (cpu_util_core_<i>
+    for every core of the twin's machine), workload label."""
+
+    model_config = ConfigDict(extra="allow")
+    timestamp: float
+    cpu_util_overall: float = Field(ge=0, le=100)
+    workload_type: str = Field(min_length=1, max_length=200)
+
+
+class Rows(BaseModel):
+    rows: list[Sample] = Field(min_length=1)
+
+
+class Samples(BaseModel):
+    samples: list[Sample] = Field(min_length=1)
+
+
+class Prediction(BaseModel):
+    target: str
+    mode: str
+    predictions: list[float | None]
+
+
+class StreamResult(BaseModel):
+    timestamp: float
+    prediction: float | None
+    residual: float | None
+    score: float | None
+    alarm: bool
+    event: str | None
+
+
+class StreamResults(BaseModel):
+    stream_id: str
+    results: list[StreamResult]
+
+
+@dataclass
+class Metrics:
+    requests: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+    latency_count: int = 0
+    alarms: int = 0
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        self.requests[(path, status)] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+                break
+        else:
+            self.buckets[-1] += 1
+
+    def render(self, streams: int) -> str:
+        lines = ["# TYPE cputwin_requests_total counter"]
+        lines += [f'cputwin_requests_total{{path="{p}",status="{s}"}} {n}'
+                  for (p, s), n in sorted(self.requests.items())]
+        lines.append("# TYPE cputwin_request_seconds histogram")
+        cumulative = 0
+        for bound, n in zip([*LATENCY_BUCKETS, "+Inf"], self.buckets, strict=True):
+            cumulative += n
+            lines.append(f'cputwin_request_seconds_bucket{{le="{bound}"}} {cumulative}')
+        lines += [f"cputwin_request_seconds_sum {self.latency_sum}",
+                  f"cputwin_request_seconds_count {self.latency_count}",
+                  "# TYPE cputwin_streams gauge", f"cputwin_streams {streams}",
+                  "# TYPE cputwin_alarms_total counter", f"cputwin_alarms_total {self.alarms}"]
+        return "\n".join(lines) + "\n"
+
+
+class Streams:
+    """Live streams by id, with idle expiry and a cap."""
+
+    def __init__(self, twin, max_streams: int, ttl_s: float) -> None:
+        self.twin, self.max_streams, self.ttl_s = twin, max_streams, ttl_s
+        self.items: dict[str, list] = {}  # id -> [stream, last timestamp, last seen]
+        self.lock = threading.Lock()
+
+    def get(self, stream_id: str) -> list:
+        now = time.monotonic()
+        with self.lock:
+            for sid in [s for s, v in self.items.items() if now - v[2] > self.ttl_s]:
+                del self.items[sid]
+            if stream_id not in self.items:
+                if len(self.items) >= self.max_streams:
+                    raise HTTPException(429, f"too many live streams (cap {self.max_streams}); "
+                                             "retry later or reuse a stream id")
+                self.items[stream_id] = [self.twin.stream(), None, now]
+            entry = self.items[stream_id]
+            entry[2] = now
+            return entry
+
+
+def _frame(samples: list[Sample], n_cores: int) -> pl.DataFrame:
+    """Samples as a checked telemetry frame (the ingest checks, one line per problem)."""
+    cores = [f"cpu_util_core_{i}" for i in range(n_cores)]
+    rows = [s.model_dump() for s in samples]
+    extra = sorted({k for r in rows for k in r if k.startswith("cpu_util_core_")} - set(cores))
+    if extra:
+        raise CputwinError(f"core count does not match the twin ({n_cores} cores): unexpected "
+                           f"{extra[0]}")
+    for i, r in enumerate(rows):
+        missing = [c for c in cores if c not in r]
+        if missing:
+            raise CputwinError(f"sample {i}: missing column {missing[0]!r}")
+        for c in cores:
+            if not isinstance(r[c], int | float) or isinstance(r[c], bool):
+                raise CputwinError(f"sample {i}: {c} must be a number")
+    data = {"timestamp": [r["timestamp"] for r in rows], OVERALL: [r[OVERALL] for r in rows],
+            **{c: [float(r[c]) for r in rows] for c in cores},
+            WORKLOAD: [r[WORKLOAD] for r in rows]}
+    return check_run(pl.DataFrame(data), "request")
+
+
+def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 300.0,
+               max_body_bytes: int = 1_000_000) -> FastAPI:
+    """The service for one twin file."""
+    from cputwin.live.stream import OnlineTwin
+    from cputwin.pipeline import open_twin
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stack, detector, _ = open_twin(twin_path)
+        app.state.stack = stack
+        app.state.streams = Streams(OnlineTwin(stack, detector=detector), max_streams,
+                                    stream_ttl_s)
+        app.state.metrics = Metrics()
+        yield
+
+    app = FastAPI(title="cputwin", summary="A digital twin of a CPU core", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        start = time.perf_counter()
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
+            response = JSONResponse({"detail": f"body over {max_body_bytes} bytes"}, 413)
+        elif size is None and request.method == "POST":
+            body = await request.body()
+            response = (JSONResponse({"detail": f"body over {max_body_bytes} bytes"}, 413)
+                        if len(body) > max_body_bytes else await call_next(request))
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        request.app.state.metrics.observe(path, response.status_code,
+                                          time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(CputwinError)
+    async def cputwin_error(request: Request, exc: CputwinError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.get("/healthz")
+    def healthz(request: Request) -> dict[str, Any]:
+        stack = request.app.state.stack
+        return {"status": "ok", "target": stack.target, "mode": stack.mode,
+                "cores": stack.schema_.n_cores, "streams": len(request.app.state.streams.items)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics(request: Request) -> str:
+        return request.app.state.metrics.render(len(request.app.state.streams.items))
+
+    @app.post("/v1/predict")
+    def predict(body: Rows, request: Request) -> Prediction:
+        stack = request.app.state.stack
+        frame = _frame(body.rows, stack.schema_.n_cores).with_columns(
+            pl.lit("request").alias(RUN_COLUMN))
+        pred = stack.predict(frame)
+        return Prediction(target=stack.target, mode=stack.mode,
+                          predictions=[None if np.isnan(p) else float(p) for p in pred])
+
+    @app.post("/v1/streams/{stream_id}/samples")
+    def stream_samples(stream_id: str, body: Samples, request: Request) -> StreamResults:
+        app_state = request.app.state
+        n_cores = app_state.stack.schema_.n_cores
+        frame = _frame(body.samples, n_cores)  # validates before any state changes
+        if len(stream_id) > 200:
+            raise HTTPException(422, "stream id longer than 200 characters")
+        entry = app_state.streams.get(stream_id)
+        stream, last = entry[0], entry[1]
+        ts = [s.timestamp for s in body.samples]
+        if (last is not None and ts[0] <= last) or bool(np.any(np.diff(ts) <= 0)):
+            raise HTTPException(409, f"timestamps must increase within stream {stream_id!r} "
+                                     f"(last seen {last})")
+        cores = frame.select([f"cpu_util_core_{i}" for i in range(n_cores)]).to_numpy()
+        results = []
+        for i, sample in enumerate(body.samples):
+            tick = stream.update(cores[i], sample.cpu_util_overall, sample.workload_type)
+            app_state.metrics.alarms += tick.event == "raise"
+            results.append(StreamResult(timestamp=sample.timestamp, prediction=tick.prediction,
+                                        residual=tick.residual, score=tick.score,
+                                        alarm=tick.alarm, event=tick.event))
+        entry[1] = ts[-1]
+        return StreamResults(stream_id=stream_id, results=results)
+
+    return app
