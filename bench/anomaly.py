@@ -86,14 +86,14 @@ def replay_alarms(stack: TwinStack, detector, frame: pl.DataFrame) -> list[float
     """Timestamps of every alarm raise, each run on its own stream."""
     twin = OnlineTwin(stack, detector=detector)
     cores = frame.select(twin.schema.core_columns).to_numpy()
-    raises = []
-    for run in frame[RUN_COLUMN].unique(maintain_order=True).to_list():
-        rows = np.flatnonzero((frame[RUN_COLUMN] == run).to_numpy())
-        stream = twin.stream()
-        for i in rows:
-            tick = stream.update(cores[i], frame[OVERALL][i], frame[WORKLOAD][i])
-            if tick.event == "raise":
-                raises.append(float(frame[TIMESTAMP][i]))
+    overall, workloads = frame[OVERALL].to_numpy(), frame[WORKLOAD].to_list()
+    stamps, runs = frame[TIMESTAMP].to_numpy(), frame[RUN_COLUMN].to_list()
+    raises, stream, current = [], None, None
+    for i in range(frame.height):
+        if runs[i] != current:
+            stream, current = twin.stream(), runs[i]
+        if stream.update(cores[i], overall[i], workloads[i]).event == "raise":
+            raises.append(float(stamps[i]))
     return raises
 
 
@@ -111,14 +111,19 @@ def score(raises: list[float], intervals: list[tuple[float, float]]) -> dict[str
     }
 
 
-def run(seconds: float, injections: int, core: int, seed: int) -> dict:
+def run(seconds: float, injections: int, core: int, seed: int, keep: Path | None = None) -> dict:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train_dir, normal_dir, inject_dir = (Path(tmp) / d for d in ("train", "normal", "inject"))
-        record_set(train_dir, seconds)
-        record_set(normal_dir, seconds)
-        intervals = record_set(inject_dir, seconds, injections, core, rng)
+        root = keep or Path(tmp)
+        train_dir, normal_dir, inject_dir = (root / d for d in ("train", "normal", "inject"))
+        if (root / "intervals.json").exists():  # a kept recording: score it again
+            intervals = [tuple(i) for i in json.loads((root / "intervals.json").read_text())]
+        else:
+            record_set(train_dir, seconds)
+            record_set(normal_dir, seconds)
+            intervals = record_set(inject_dir, seconds, injections, core, rng)
+            (root / "intervals.json").write_text(json.dumps(intervals))
         train, normal, injected = (load_runs(d) for d in (train_dir, normal_dir, inject_dir))
         target = f"cpu_util_core_{core}"
         hours = normal.height / 10 / 3600
@@ -142,9 +147,10 @@ def main() -> None:
     parser.add_argument("--injections", type=int, default=2, help="per injected run")
     parser.add_argument("--target-core", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, help="keep the recordings here (and reuse them)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    r = run(args.seconds, args.injections, args.target_core, args.seed)
+    r = run(args.seconds, args.injections, args.target_core, args.seed, args.keep)
     if args.json:
         sys.stdout.write(json.dumps(r, indent=2) + "\n")
         return
