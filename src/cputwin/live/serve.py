@@ -131,6 +131,30 @@ class Streams:
             return entry
 
 
+def _stream_rows(samples: list[Sample], n_cores: int) -> np.ndarray:
+    """Per-core values of stream samples, checked like ingest checks a run (core count,
+    missing columns, numbers in [0, 100]) but without building a frame: a stream update is
+    usually one sample, and a frame costs more than the prediction."""
+    cores = [f"cpu_util_core_{i}" for i in range(n_cores)]
+    out = np.empty((len(samples), n_cores))
+    for i, sample in enumerate(samples):
+        extra = sample.model_extra or {}
+        unknown = [k for k in extra if k.startswith("cpu_util_core_") and k not in cores]
+        if unknown:
+            raise CputwinError(f"core count does not match the twin ({n_cores} cores): "
+                               f"unexpected {unknown[0]}")
+        for j, c in enumerate(cores):
+            if c not in extra:
+                raise CputwinError(f"sample {i}: missing column {c!r}")
+            v = extra[c]
+            if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+                raise CputwinError(f"sample {i}: {c} must be a number")
+            if not 0 <= v <= 100:
+                raise CputwinError(f"sample {i}: {c} = {v} is outside [0, 100]")
+            out[i, j] = v
+    return out
+
+
 def _frame(samples: list[Sample], n_cores: int) -> pl.DataFrame:
     """Samples as a checked telemetry frame (the ingest checks, one line per problem)."""
     cores = [f"cpu_util_core_{i}" for i in range(n_cores)]
@@ -211,10 +235,10 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
                           predictions=[None if np.isnan(p) else float(p) for p in pred])
 
     @app.post("/v1/streams/{stream_id}/samples")
-    def stream_samples(stream_id: str, body: Samples, request: Request) -> StreamResults:
+    async def stream_samples(stream_id: str, body: Samples, request: Request) -> StreamResults:
         app_state = request.app.state
         n_cores = app_state.stack.schema_.n_cores
-        frame = _frame(body.samples, n_cores)  # validates before any state changes
+        cores = _stream_rows(body.samples, n_cores)  # validates before any state changes
         if len(stream_id) > 200:
             raise HTTPException(422, "stream id longer than 200 characters")
         entry = app_state.streams.get(stream_id)
@@ -223,7 +247,6 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
         if (last is not None and ts[0] <= last) or bool(np.any(np.diff(ts) <= 0)):
             raise HTTPException(409, f"timestamps must increase within stream {stream_id!r} "
                                      f"(last seen {last})")
-        cores = frame.select([f"cpu_util_core_{i}" for i in range(n_cores)]).to_numpy()
         results = []
         for i, sample in enumerate(body.samples):
             tick = stream.update(cores[i], sample.cpu_util_overall, sample.workload_type)
