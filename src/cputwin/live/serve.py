@@ -176,6 +176,54 @@ def _frame(samples: list[Sample], n_cores: int) -> pl.DataFrame:
     return check_run(pl.DataFrame(data), "request")
 
 
+class LimitsAndMetrics:
+    """Pure ASGI middleware: refuse bodies over the limit (413), time every request.
+
+    Starlette's BaseHTTPMiddleware costs a task and a queue per request; this does not."""
+
+    def __init__(self, app, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+        headers = dict(scope.get("headers") or [])
+        size = headers.get(b"content-length")
+        too_big = size is not None and (not size.isdigit() or int(size) > self.max_body_bytes)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise _TooBig()
+            return message
+
+        async def recording_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if too_big:
+                raise _TooBig()
+            await self.app(scope, limited_receive, recording_send)
+        except _TooBig:
+            response = JSONResponse({"detail": f"body over {self.max_body_bytes} bytes"}, 413)
+            await response(scope, receive, recording_send)
+        route = scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        scope["app"].state.metrics.observe(path, status["code"], time.perf_counter() - start)
+
+
+class _TooBig(Exception):
+    pass
+
+
 def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 300.0,
                max_body_bytes: int = 1_000_000) -> FastAPI:
     """The service for one twin file."""
@@ -193,23 +241,7 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
 
     app = FastAPI(title="cputwin", summary="A digital twin of a CPU core", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        start = time.perf_counter()
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-            response = JSONResponse({"detail": f"body over {max_body_bytes} bytes"}, 413)
-        elif size is None and request.method == "POST":
-            body = await request.body()
-            response = (JSONResponse({"detail": f"body over {max_body_bytes} bytes"}, 413)
-                        if len(body) > max_body_bytes else await call_next(request))
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        request.app.state.metrics.observe(path, response.status_code,
-                                          time.perf_counter() - start)
-        return response
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(CputwinError)
     async def cputwin_error(request: Request, exc: CputwinError) -> JSONResponse:
