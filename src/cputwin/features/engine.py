@@ -206,19 +206,53 @@ def build_features(
     warn_unseen_workloads(frame, workloads, spec)
     contiguous = runs_are_contiguous(frame)
     position = pl.int_range(pl.len()).over(RUN_COLUMN).alias("position")
-    out = (
-        with_derived(frame, compiled).lazy()
-        .with_columns(position)
-        .select(pl.col(RUN_COLUMN), pl.col(TIMESTAMP), pl.col(WORKLOAD), pl.col("position"),
-                *[op_expr(op, contiguous) for op in compiled.ops])
-        .collect()
-    )
     names = compiled.names
-    X = (out.select(names).to_numpy(order="fortran") if names
-         else np.empty((out.height, 0)))
+    if contiguous:
+        base = with_derived(frame, compiled).with_columns(position)
+        X = _matrix_contiguous(base, compiled)
+        out = base
+    else:
+        out = (
+            with_derived(frame, compiled).lazy()
+            .with_columns(position)
+            .select(pl.col(RUN_COLUMN), pl.col(TIMESTAMP), pl.col(WORKLOAD), pl.col("position"),
+                    *[op_expr(op, contiguous) for op in compiled.ops])
+            .collect()
+        )
+        X = (out.select(names).to_numpy(order="fortran") if names
+             else np.empty((out.height, 0)))
     valid = (out["position"] >= spec.history).to_numpy()
     keys = out.select(RUN_COLUMN, TIMESTAMP, WORKLOAD, "position")
     return FeatureMatrix(names=names, X=X, valid=valid, keys=keys)
+
+
+def _matrix_contiguous(base: pl.DataFrame, compiled: CompiledSpec) -> np.ndarray:
+    """The feature matrix written column by column into one preallocated array.
+
+    With runs contiguous, a lag is a slice of the source column, blanked (NaN) where it
+    would reach into the previous run; windows and one-hots come from Polars. Each value
+    is written once, so the matrix costs one pass over memory.
+    """
+    n = base.height
+    X = np.empty((n, len(compiled.ops)), order="F")
+    position = base["position"].to_numpy()
+    sources = {s: base[s].to_numpy() for s in compiled.sources}
+    polars_ops = [op for op in compiled.ops if op.kind in ("mean", "std", "onehot")]
+    computed = base.select([op_expr(op, True) for op in polars_ops]) if polars_ops else None
+    short: dict[int, np.ndarray] = {}
+    for j, op in enumerate(compiled.ops):
+        if op.kind == "now":
+            X[:, j] = sources[op.source]
+        elif op.kind == "lag":
+            k = op.param
+            X[k:, j] = sources[op.source][:-k] if k < n else X[k:, j]
+            X[:min(k, n), j] = np.nan
+            if k not in short:
+                short[k] = np.flatnonzero(position < k)
+            X[short[k], j] = np.nan
+        else:
+            X[:, j] = computed[op.name].to_numpy()
+    return X
 
 
 def warn_unseen_workloads(frame: pl.DataFrame, workloads: list[str], spec: FeatureSpec) -> None:
