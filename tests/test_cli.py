@@ -10,7 +10,7 @@ from cputwin.cli import app
 from helpers import synthetic_run, write_run
 
 runner = CliRunner()
-COMMANDS = ["evaluate", "train", "predict", "collect", "demo"]
+COMMANDS = ["evaluate", "train", "predict", "collect", "demo", "watch", "serve"]
 
 
 def run(*args):
@@ -68,6 +68,8 @@ def test_report_is_self_contained_html_with_plots(honest_json):
     (["evaluate", "{bad}"], "must be numeric"),
     (["predict", "{junk}", "{sample}", "-o", "{out}"], "not a cputwin twin file"),
     (["collect", "--workload", "gpu", "--out", "{out}"], "unknown workload 'gpu'"),
+    (["serve", "{junk}"], "not a cputwin twin file"),
+    (["watch", "{junk}", "--seconds", "1"], "not a cputwin twin file"),
     (["evaluate", "{sample}", "--mode", "psychic"], "mode must be one of"),
     (["evaluate", "{sample}", "--bases", "v2.0,v9"], "unknown base model 'v9'"),
     (["evaluate", "{sample}", "--meta", "median"], "meta_model must be one of"),
