@@ -77,9 +77,9 @@ def _show_warnings(caught) -> None:
 
 
 @contextmanager
-def spinner(enabled: bool = True) -> Iterator:
+def spinner() -> Iterator:
     """A progress bar on stderr; yields the (message, fraction) callback the library calls."""
-    if not enabled or not err.is_terminal:
+    if not err.is_terminal:
         yield lambda _msg, _frac: None
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(),

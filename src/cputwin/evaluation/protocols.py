@@ -59,10 +59,11 @@ def evaluate_honest(
 ) -> tuple[Evaluation, TwinStack]:
     """Train on each run's past, score on its future."""
     is_train = split_in_time(frame, train_fraction).to_numpy()
+    train = frame.filter(pl.Series(is_train))
     started = time.perf_counter()
-    stack.fit(frame.filter(pl.Series(is_train)), progress=progress)
+    stack.fit(train, progress=progress)
     seconds = time.perf_counter() - started
-    evaluation = score_stack(stack, frame, ~is_train, frame.filter(pl.Series(is_train)))
+    evaluation = score_stack(stack, frame, ~is_train, train)
     evaluation.summary.update(protocol="honest", train_fraction=train_fraction,
                               training_seconds=round(seconds, 2))
     return evaluation, stack

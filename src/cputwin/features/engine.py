@@ -25,7 +25,6 @@ from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, TIMESTAMP, WORKLOAD
 
 PHYSICS_COLUMNS = ("physics_estimate", "physics_clipped")
 STATS_COLUMNS = ("others_mean", "others_std", "others_min", "others_max")
-OP_KINDS = ("now", "lag", "mean", "std", "onehot")
 # Window statistics are rounded to this many decimals on both paths: a running sum (batch)
 # and a fresh sum (online) differ in the last bits, and a tree split learned between two
 # such twins of one value would send the two paths different ways.

@@ -156,23 +156,12 @@ def _stream_rows(samples: list[Sample], n_cores: int) -> np.ndarray:
 
 
 def _frame(samples: list[Sample], n_cores: int) -> pl.DataFrame:
-    """Samples as a checked telemetry frame (the ingest checks, one line per problem)."""
-    cores = [f"cpu_util_core_{i}" for i in range(n_cores)]
-    rows = [s.model_dump() for s in samples]
-    extra = sorted({k for r in rows for k in r if k.startswith("cpu_util_core_")} - set(cores))
-    if extra:
-        raise CputwinError(f"core count does not match the twin ({n_cores} cores): unexpected "
-                           f"{extra[0]}")
-    for i, r in enumerate(rows):
-        missing = [c for c in cores if c not in r]
-        if missing:
-            raise CputwinError(f"sample {i}: missing column {missing[0]!r}")
-        for c in cores:
-            if not isinstance(r[c], int | float) or isinstance(r[c], bool):
-                raise CputwinError(f"sample {i}: {c} must be a number")
-    data = {"timestamp": [r["timestamp"] for r in rows], OVERALL: [r[OVERALL] for r in rows],
-            **{c: [float(r[c]) for r in rows] for c in cores},
-            WORKLOAD: [r[WORKLOAD] for r in rows]}
+    """Samples as a checked telemetry frame: the stream checks, then the ingest checks."""
+    values = _stream_rows(samples, n_cores)
+    data = {"timestamp": [s.timestamp for s in samples],
+            OVERALL: [s.cpu_util_overall for s in samples],
+            **{f"cpu_util_core_{i}": values[:, i] for i in range(n_cores)},
+            WORKLOAD: [s.workload_type for s in samples]}
     return check_run(pl.DataFrame(data), "request")
 
 

@@ -41,7 +41,13 @@ _BOOSTED = dict(n_estimators=600, learning_rate=0.03, subsample=0.8, subsample_f
 
 @dataclass(frozen=True)
 class BaseSpec:
-    """One base model: its name, its features, its learner and the learner's parameters."""
+    """One base model: its name, its features, its learner and the learner's parameters.
+
+    early_stopping: choose the rounds by l1 early stopping on the training period's tail
+    (the seed's sets were trained so). pooled: train on every core's rows as targets, each
+    with features relative to that core (needs a poolable spec): N times the data for a
+    relation, the physics of utilisation, that is the same for every core.
+    """
 
     name: str
     features: FeatureSpec
@@ -49,11 +55,6 @@ class BaseSpec:
     params: dict[str, Any] = field(default_factory=dict)
     early_stopping: bool = False
     pooled: bool = False
-
-    """early_stopping: choose the rounds by l1 early stopping on the training period's tail
-    (the seed's sets were trained so). pooled: train on every core's rows as targets, each
-    with features relative to that core (needs a portable spec): N times the data for a
-    relation, the physics of utilisation, that is the same for every core."""
 
     def __post_init__(self) -> None:
         if self.learner not in LEARNERS:
