@@ -43,7 +43,7 @@ def test_evaluate_json_is_one_object_with_the_documented_keys(honest_json):
             "verdict"} <= set(summary)
     assert summary["protocol"] == "honest" and summary["mode"] == "sensor"
     assert set(summary["r2"]) == {*summary["bases"], "average", "stack", "workload_mean"}
-    assert {"v2.0", "v2.3", "gbm_pooled"} <= set(summary["bases"])
+    assert {"physics_linear", "gbm_l2", "gbm_pooled"} <= set(summary["bases"])
     assert set(summary["meta"]["weights"]) == set(summary["bases"])
     assert summary["meta"]["kind"].startswith("auto:")
     assert summary["rows"]["train"] > summary["rows"]["test"] > 0
