@@ -168,3 +168,55 @@ def test_watch_records_and_exits_cleanly(sample_data, tmp_path):
     lines = [json.loads(line) for line in events.read_text().splitlines()]
     assert all(e["event"] in ("raise", "clear") for e in lines)
     assert sum(e["event"] == "raise" for e in lines) == summary["alarms"]
+
+
+def _fleet(root, cores_of_host):
+    for h, (host, cores) in enumerate(cores_of_host.items()):
+        for i in range(3):
+            write_run(synthetic_run(n=300, cores=cores, seed=10 * h + i, workload="cpu_bound",
+                                    t0=1e9 + 1e4 * i), root / host, f"r{i}")
+    return sorted(root.glob("*/*.parquet"))
+
+
+def test_train_per_host_writes_one_twin_per_machine(tmp_path):
+    files = _fleet(tmp_path / "fleet", {"alpha": 4, "beta": 2})
+    out = tmp_path / "twins"
+    result = run("train", *map(str, files), "-o", out, "--bases", "physics_linear,gbm_l2",
+                 "--per-host", "--json")
+    assert result.exit_code == 0, result.output
+    hosts = json.loads(result.stdout)["hosts"]
+    assert set(hosts) == {"alpha", "beta"}
+    assert sorted(p.name for p in out.iterdir()) == ["alpha.cputwin", "beta.cputwin"]
+    assert hosts["alpha"]["hosts"] == ["alpha"]
+    # each twin predicts its own machine (4 and 2 cores) unchanged
+    for host in ("alpha", "beta"):
+        pred = run("predict", out / f"{host}.cputwin", tmp_path / "fleet" / host, "-o",
+                   tmp_path / f"{host}.parquet", "--json")
+        assert pred.exit_code == 0, pred.output
+    mixed = run("train", *map(str, files), "-o", tmp_path / "one.cputwin")
+    assert mixed.exit_code == 2 and "--per-host" in mixed.stderr
+
+
+def test_evaluate_reports_each_host(tmp_path):
+    files = _fleet(tmp_path / "fleet", {"alpha": 4, "beta": 4})
+    result = run("evaluate", *map(str, files), "--bases", "physics_linear,gbm_l2", "--json")
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert set(s["per_host"]) == {"alpha", "beta"}
+    rows = sum(entry["rows"] for entry in s["per_host"].values())
+    assert rows == s["rows"]["test"]
+    text = run("evaluate", *map(str, files), "--bases", "physics_linear,gbm_l2")
+    assert "R² per host" in text.stdout
+
+
+def test_one_twin_over_all_hosts_with_host_categories(tmp_path):
+    files = _fleet(tmp_path / "fleet", {"alpha": 4, "beta": 4})
+    result = run("train", *map(str, files), "-o", tmp_path / "fleet.cputwin", "--bases",
+                 "physics_linear,gbm_l2", "--host-category", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["hosts"] == ["alpha", "beta"]
+    pred = run("predict", tmp_path / "fleet.cputwin", *map(str, files), "-o",
+               tmp_path / "p.parquet", "--json")
+    assert pred.exit_code == 0, pred.output
+    both = run("train", *map(str, files), "-o", tmp_path / "x", "--per-host", "--host-category")
+    assert both.exit_code == 2 and "exclude each other" in both.stderr

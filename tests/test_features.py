@@ -128,3 +128,42 @@ def test_interleaved_runs_give_the_same_features_row_for_row(spec):
     order = shuffled["i"].to_numpy()
     np.testing.assert_array_equal(a.valid[order], b.valid)
     np.testing.assert_allclose(a.X[order][b.valid], b.X[b.valid], rtol=0, atol=1e-12)
+
+
+def test_float32_matrix_is_the_float64_one_rounded_once(sample_frame):
+    wl = sorted(set(sample_frame["workload_type"]))
+    for spec in SPECS:
+        wide = build_features(sample_frame, spec, "cpu_util_core_0", wl)
+        narrow = build_features(sample_frame, spec, "cpu_util_core_0", wl, dtype=np.float32)
+        assert narrow.X.dtype == np.float32
+        np.testing.assert_array_equal(narrow.X, wide.X.astype(np.float32))
+
+
+def test_large_frames_written_by_threads_equal_the_reference():
+    # enough cells for the threaded writer (PARALLEL_CELLS), several runs and workloads
+    from cputwin.features.engine import PARALLEL_CELLS
+
+    frame = _multi_run(n_runs=16, n=2500, cores=6)
+    spec = get_spec("v2.3")
+    n_columns = len(build_features(frame.head(40), spec, "cpu_util_core_3", ["a", "b"]).names)
+    assert frame.height * n_columns >= PARALLEL_CELLS
+    _check_equal_to_reference(frame, spec, "cpu_util_core_3", ["a", "b"])
+
+
+def test_host_categories_are_one_hot_columns_like_the_reference():
+    frame = _multi_run(n_runs=4, n=50).with_columns(
+        pl.when(pl.col("run").is_in(["run0", "run1"])).then(pl.lit("alpha"))
+        .otherwise(pl.lit("beta")).alias("host"))
+    spec = FeatureSpec(name="h", lags={"other_cores": (1,)}, host=True)
+    mat = build_features(frame, spec, "cpu_util_core_0", ["a", "b"], hosts=["alpha", "beta"])
+    ref, _ = reference_features(frame.to_pandas(), spec, "cpu_util_core_0", ["a", "b"],
+                                hosts=["alpha", "beta"])
+    assert {"host_alpha", "host_beta"} <= set(mat.names)
+    assert mat.names == list(ref.columns)
+    np.testing.assert_array_equal(mat.X[mat.valid], ref.to_numpy()[mat.valid])
+    alpha = mat.X[:, mat.names.index("host_alpha")]
+    assert alpha.sum() == 100 and set(alpha.tolist()) == {0.0, 1.0}
+    # an unseen host (or no host column at all) has every host column at zero
+    bare = build_features(frame.drop("host"), spec, "cpu_util_core_0", ["a", "b"],
+                          hosts=["alpha", "beta"])
+    assert not bare.X[:, [bare.names.index("host_alpha"), bare.names.index("host_beta")]].any()

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from cputwin import load_runs
 from cputwin.errors import DataError
-from cputwin.telemetry.ingest import DataWarning
+from cputwin.telemetry.collector import Collector
+from cputwin.telemetry.ingest import DataWarning, load_hosts
 from helpers import synthetic_run, write_run
 
 
@@ -105,6 +106,42 @@ def test_runs_are_named_by_file_and_kept_apart(tmp_path):
     write_run(synthetic_run(n=40, workload="b", t0=1.0), tmp_path, "two")
     out = load_runs(tmp_path)
     assert out.group_by("run").len().sort("run").rows() == [("one", 30), ("two", 40)]
+
+
+def test_host_comes_from_the_column_else_the_folder(tmp_path):
+    write_run(synthetic_run(n=20).with_columns(pl.lit("db-7").alias("host")), tmp_path / "x", "a")
+    write_run(synthetic_run(n=20), tmp_path / "web-1", "a")
+    out = load_runs([tmp_path / "x", tmp_path / "web-1"])
+    assert out.columns[:2] == ["run", "host"]
+    # two hosts: each run is named host/stem, so both hosts' run "a" stay two runs
+    assert out.group_by("run", "host").len().sort("run").rows() == [
+        ("db-7/a", "db-7", 20), ("web-1/a", "web-1", 20)]
+    alone = load_runs(tmp_path / "web-1")
+    assert alone["run"].unique().to_list() == ["a"] and alone["host"][0] == "web-1"
+
+
+def test_a_run_with_two_hosts_is_refused(tmp_path):
+    f = synthetic_run(n=20).with_columns(
+        pl.when(pl.int_range(pl.len()) < 10).then(pl.lit("a")).otherwise(pl.lit("b")).alias("host"))
+    with pytest.raises(DataError, match="one run is one host"):
+        load_runs(write_run(f, tmp_path, "mixed"))
+
+
+def test_host_comes_from_the_collector_metadata(tmp_path):
+    import socket
+
+    result = Collector(rate=20).record("idle", 0.5, tmp_path / "rec")
+    assert load_runs(result.path)["host"][0] == socket.gethostname()
+
+
+def test_load_hosts_keeps_machines_of_different_core_counts_apart(tmp_path):
+    write_run(synthetic_run(n=20, cores=4), tmp_path / "big", "r")
+    write_run(synthetic_run(n=30, cores=2), tmp_path / "small", "r")
+    with pytest.raises(DataError, match="--per-host"):
+        load_runs(tmp_path.glob("*/*.parquet"))
+    hosts = load_hosts(sorted(tmp_path.glob("*/*.parquet")))
+    assert {h: f.height for h, f in hosts.items()} == {"big": 20, "small": 30}
+    assert "cpu_util_core_3" in hosts["big"].columns and "cpu_util_core_3" not in hosts["small"].columns
 
 
 def test_seed_files_load_unchanged(seed_data):

@@ -14,6 +14,7 @@ from cputwin.features.online import OnlineFeatures
 from cputwin.live.stream import replay
 from cputwin.models import BUILTIN_BASES
 from cputwin.telemetry.ingest import DataWarning
+from helpers import synthetic_run, write_run
 
 FAST = {name: {"n_estimators": 25} for name in BUILTIN_BASES}
 
@@ -61,4 +62,17 @@ def test_replayed_seed_data_matches_batch_predictions(seed_data):
         frame = load_runs(seed_data)
     stack = TwinStack(bases="twin", base_params=FAST, meta_model="per_workload",
                       early_stopping_fraction=0).fit(frame)
+    _check_replay(frame, stack)
+
+
+def test_replayed_fleet_matches_batch_with_host_categories(tmp_path):
+    for h, host in enumerate(("alpha", "beta")):
+        for i in range(2):
+            write_run(synthetic_run(n=250, cores=3, seed=10 * h + i, t0=1e9 + 1e4 * i),
+                      tmp_path / host, f"r{i}")
+    frame = load_runs(sorted(tmp_path.glob("*/*.parquet")))
+    stack = TwinStack(bases=["physics_linear", "gbm_l2"], base_params=FAST, meta_model="nnls",
+                      early_stopping_fraction=0, host_category=True).fit(frame)
+    assert stack.hosts_ == ["alpha", "beta"]
+    assert {"host_alpha", "host_beta"} <= set(stack.bases_[1].feature_names)
     _check_replay(frame, stack)

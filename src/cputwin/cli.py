@@ -36,6 +36,8 @@ err = Console(stderr=True, soft_wrap=True)
 DataArg = Annotated[list[str], typer.Argument(help="Parquet runs: files, folders or globs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, nothing else.")]
 TargetOpt = Annotated[str, typer.Option(help="Core column to twin (evaluate: or 'all').")]
+HostCategoryOpt = Annotated[bool, typer.Option(
+    "--host-category", help="One twin over all hosts, each host a one-hot category.")]
 BasesOpt = Annotated[str, typer.Option(
     help="Base models: a preset (twin, seed, portable) or a comma-separated list of bases.")]
 ModeOpt = Annotated[str, typer.Option(
@@ -117,18 +119,24 @@ def render_summary(summary: dict) -> None:
     for m in summary["r2"]:
         table.add_row(m, _fmt(summary["r2"][m]), _fmt(summary["mae"][m]), _fmt(summary["rmse"][m]))
     out.print(table)
-    wl = Table(title="R² per workload")
-    wl.add_column("workload")
-    models = list(summary["r2"])
-    for m in models:
-        wl.add_column(m, justify="right")
-    for name, entry in summary["per_workload"].items():
-        wl.add_row(name, *[_fmt(entry["r2"].get(m)) for m in models])
-    out.print(wl)
+    out.print(group_table("workload", summary["per_workload"], list(summary["r2"])))
+    if len(summary.get("per_host", {})) > 1:
+        out.print(group_table("host", summary["per_host"], list(summary["r2"])))
     weights = " / ".join(f"{k} {v:.4f}" for k, v in summary["meta"]["weights"].items())
     kind = summary["meta"].get("kind", "ridge")
     out.print(f"meta-model {kind}: weights {weights}; intercept {summary['meta']['intercept']:.4f}")
     out.print(summary["verdict"], style="bold", highlight=False)
+
+
+def group_table(group: str, entries: dict, models: list[str]) -> Table:
+    """R² of every model for each value of a group (workload, host)."""
+    table = Table(title=f"R² per {group}")
+    table.add_column(group)
+    for m in models:
+        table.add_column(m, justify="right")
+    for name, entry in entries.items():
+        table.add_row(name, *[_fmt(entry["r2"].get(m)) for m in models])
+    return table
 
 
 @app.command()
@@ -143,6 +151,7 @@ def evaluate(
     test: Annotated[list[str] | None, typer.Option(
         help="Score on these runs (another machine) after training on all of DATA.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write an HTML report into this folder.")] = None,
+    host_category: HostCategoryOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train and score the twin on DATA under an evaluation protocol."""
@@ -151,7 +160,8 @@ def evaluate(
 
         summary, _ = pipeline.evaluate(
             data, protocol, target, train_fraction, report, progress,
-            bases=_bases(bases), mode=mode, meta=meta, test_data=test or None)
+            bases=_bases(bases), mode=mode, meta=meta, test_data=test or None,
+            host_category=host_category)
     if as_json:
         _json(summary)
         return
@@ -191,6 +201,9 @@ def train(
     mode: ModeOpt = "sensor",
     bases: BasesOpt = "twin",
     meta: MetaOpt = None,
+    per_host: Annotated[bool, typer.Option(
+        "--per-host", help="One twin per host, written as OUTPUT/<host>.cputwin.")] = False,
+    host_category: HostCategoryOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit a twin on all of DATA and save it as a pickle-free .cputwin file."""
@@ -198,14 +211,16 @@ def train(
         from cputwin import pipeline
 
         result = pipeline.train(data, output, target, progress, bases=_bases(bases), mode=mode,
-                                meta=meta)
+                                meta=meta, per_host=per_host, host_category=host_category)
     if as_json:
         _json(result)
         return
-    oof = result["out_of_fold"]
-    out.print(f"twin written to {output} (target {target}, mode {mode}, {result['rows']} rows, "
-              f"meta-model {result['meta']['kind']})")
-    out.print("out-of-fold R²: " + ", ".join(f"{k} {_fmt(v['r2'])}" for k, v in oof.items()))
+    for host, one in (result["hosts"].items() if per_host else [(None, result)]):
+        oof = one["out_of_fold"]
+        out.print(f"{'host ' + host + ': ' if host else ''}twin written to {one['twin']} "
+                  f"(target {target}, mode {mode}, {one['rows']} rows, "
+                  f"meta-model {one['meta']['kind']})")
+        out.print("out-of-fold R²: " + ", ".join(f"{k} {_fmt(v['r2'])}" for k, v in oof.items()))
 
 
 @app.command()

@@ -6,6 +6,7 @@ callback taking a short message.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
@@ -27,8 +28,8 @@ from cputwin.evaluation.protocols import (
 from cputwin.evaluation.report import write_report
 from cputwin.live.detector import Detector, calibrate
 from cputwin.models import TwinStack
-from cputwin.telemetry.ingest import load_runs, resolve_paths, schema_of
-from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD
+from cputwin.telemetry.ingest import load_hosts, load_runs, resolve_paths, schema_of
+from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, WORKLOAD
 
 Progress = Callable[[str, float], None]
 PROTOCOLS = ("honest", "seed", "both")
@@ -44,12 +45,14 @@ def make_stack(
     bases: str | list[str] = "twin",
     mode: str = "sensor",
     meta: str | None = None,
+    host_category: bool = False,
 ) -> TwinStack:
     """A stack as the CLI builds it: the seed's pair keeps the seed's RidgeCV meta-model,
     any other set of bases lets the out-of-fold score choose (`auto`)."""
     if meta is None:
         meta = "ridge" if bases == "seed" else "auto"
-    return TwinStack(bases=bases, target=target, mode=mode, meta_model=meta)
+    return TwinStack(bases=bases, target=target, mode=mode, meta_model=meta,
+                     host_category=host_category)
 
 
 def targets_of(frame: pl.DataFrame, target: str) -> list[str]:
@@ -72,6 +75,7 @@ def evaluate(
     mode: str = "sensor",
     meta: str | None = None,
     test_data: Any = None,
+    host_category: bool = False,
 ) -> tuple[dict[str, Any], list[Evaluation]]:
     """Run a protocol for one target or every core, optionally writing the HTML report.
 
@@ -89,7 +93,7 @@ def evaluate(
         raise DataError("--target all and --test use the honest protocol; drop --protocol")
     summaries, evaluations = {}, []
     for t in targets:
-        stack = make_stack(t, bases, mode, meta)
+        stack = make_stack(t, bases, mode, meta, host_category)
         report = partial(progress, t) if progress and len(targets) > 1 else progress
         if test_frame is not None:
             ev, _ = evaluate_transfer(frame, test_frame, stack, report)
@@ -127,12 +131,53 @@ def train(
     bases: str | list[str] = "twin",
     mode: str = "sensor",
     meta: str | None = None,
+    per_host: bool = False,
+    host_category: bool = False,
 ) -> dict[str, Any]:
-    """Fit a twin on all of `data` and save it; metrics are the out-of-fold scores."""
+    """Fit a twin on all of `data` and save it; metrics are the out-of-fold scores.
+
+    per_host: one twin per host (`load_hosts`), each saved as `out/<host>.cputwin`;
+    hosts may differ in core count. Returns {"hosts": {host: that twin's result}}.
+    """
     paths = resolve_paths(data)
-    frame = load_runs(paths)
+    if per_host and host_category:
+        raise DataError("--per-host and --host-category exclude each other: one twin per host, "
+                        "or one twin over all hosts")
+    if not per_host:
+        return train_frame(load_runs(paths), fingerprint(paths), Path(out), target, progress,
+                           bases=bases, mode=mode, meta=meta, host_category=host_category)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --per-host writes one twin per host into a folder; this is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    hosts = load_hosts(paths)
+    results = {}
+    for host, frame in hosts.items():
+        report = partial(progress, host) if progress else None
+        results[host] = train_frame(frame, fingerprint(paths), out / f"{file_safe(host)}.cputwin",
+                                    target, report, bases=bases, mode=mode, meta=meta)
+    return {"hosts": results}
+
+
+def file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
+
+
+def train_frame(
+    frame: pl.DataFrame,
+    data_fingerprint: str,
+    out: Path,
+    target: str,
+    progress: Progress | None = None,
+    *,
+    bases: str | list[str] = "twin",
+    mode: str = "sensor",
+    meta: str | None = None,
+    host_category: bool = False,
+) -> dict[str, Any]:
+    """Fit, calibrate the detector, save; the result names the out-of-fold scores."""
     schema_of(frame).check_target(target)
-    stack = make_stack(target, bases, mode, meta).fit(frame, progress=progress)
+    stack = make_stack(target, bases, mode, meta, host_category).fit(frame, progress=progress)
     y = frame[target].to_numpy()[stack.oof_index_]
     oof = stack.oof_predictions_
     stacked = stack.meta_.predict(oof, frame[WORKLOAD].to_numpy()[stack.oof_index_])
@@ -140,11 +185,14 @@ def train(
         **{s.name: scores(y, oof[:, j]) for j, s in enumerate(stack.base_specs_)},
         "stack": scores(y, stacked),
     }}
-    training = {"fingerprint": fingerprint(paths), "rows": frame.height,
+    training = {"fingerprint": data_fingerprint, "rows": frame.height,
                 "runs": frame[RUN_COLUMN].n_unique()}
+    if HOST in frame.columns:
+        training["hosts"] = sorted(frame[HOST].unique().to_list())
     detector = calibrate(stack, frame)
-    save_twin(stack, Path(out), training=training, metrics=metrics, detector=detector.to_dict())
-    return {"twin": str(out), "target": target, "mode": mode, "rows": frame.height, **metrics,
+    save_twin(stack, out, training=training, metrics=metrics, detector=detector.to_dict())
+    return {"twin": str(out), "target": target, "mode": mode, "rows": frame.height,
+            **({"hosts": training["hosts"]} if "hosts" in training else {}), **metrics,
             "meta": {"kind": stack.meta_.kind, "weights": stack.meta_weights_,
                      "intercept": stack.meta_intercept_}}
 

@@ -27,7 +27,7 @@ from cputwin.features import build_features, get_spec
 from cputwin.models import TwinStack
 from cputwin.models.base import fit_lgbm, params_for
 from cputwin.telemetry.ingest import schema_of
-from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD
+from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, WORKLOAD
 
 SEED_SETS = ("v2.0", "v2.3")
 SEED_SPLIT = dict(test_size=0.2, random_state=42)
@@ -103,6 +103,10 @@ def score_stack(stack: TwinStack, frame: pl.DataFrame, candidate: np.ndarray,
     preds["workload_mean"] = workload_mean_baseline(
         train[target].to_numpy(), train[WORKLOAD].to_numpy(), wl[test])
     table = score_table({n: y[test] for n in preds}, preds, {n: wl[test] for n in preds})
+    if HOST in frame.columns:
+        hosts = frame[HOST].to_numpy()[test]
+        table["per_host"] = score_table({n: y[test] for n in preds}, preds,
+                                        {n: hosts for n in preds})["per_workload"]
     meta = {"kind": stack.meta_.kind, "weights": stack.meta_weights_,
             "intercept": stack.meta_intercept_}
     if len(stack.meta_.weights) > 1:

@@ -12,7 +12,9 @@ invalid.
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +23,7 @@ import polars as pl
 from cputwin.errors import FeatureError
 from cputwin.features.spec import FeatureSpec
 from cputwin.telemetry.ingest import DataWarning, schema_of
-from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, TIMESTAMP, WORKLOAD
+from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, TIMESTAMP, WORKLOAD
 
 PHYSICS_COLUMNS = ("physics_estimate", "physics_clipped")
 STATS_COLUMNS = ("others_mean", "others_std", "others_min", "others_max")
@@ -29,11 +31,18 @@ STATS_COLUMNS = ("others_mean", "others_std", "others_min", "others_max")
 # and a fresh sum (online) differ in the last bits, and a tree split learned between two
 # such twins of one value would send the two paths different ways.
 WINDOW_DECIMALS = 9
+# Below this many matrix cells one thread writes the matrix (threads cost more than they give).
+PARALLEL_CELLS = 2_000_000
+
+
+# one-hot op kinds and the column each compares with its category
+CATEGORICAL = {"onehot": WORKLOAD, "host": HOST}
 
 
 @dataclass(frozen=True)
 class Op:
-    """One feature: `kind` of `source` (lag k / window w in `param`; onehot: a category)."""
+    """One feature: `kind` of `source` (lag k / window w in `param`; onehot, host: a
+    category of the workload or host column)."""
 
     name: str
     source: str
@@ -60,8 +69,8 @@ class CompiledSpec:
 
     @property
     def sources(self) -> list[str]:
-        """Columns the ops read, raw or derived, in first-use order (onehots excluded)."""
-        return list(dict.fromkeys(op.source for op in self.ops if op.kind != "onehot"))
+        """Columns the ops read, raw or derived, in first-use order (one-hots excluded)."""
+        return list(dict.fromkeys(op.source for op in self.ops if op.kind not in CATEGORICAL))
 
     @property
     def derived(self) -> list[str]:
@@ -125,7 +134,8 @@ def derive(overall: np.ndarray, others: np.ndarray, n_cores: int) -> dict[str, n
 
 
 def compile_spec(
-    spec: FeatureSpec, target: str, cores: list[str], workloads: list[str]
+    spec: FeatureSpec, target: str, cores: list[str], workloads: list[str],
+    hosts: list[str] | tuple[str, ...] = (),
 ) -> CompiledSpec:
     """Resolve groups for this target and core list into ops, named from the spec.
 
@@ -139,6 +149,8 @@ def compile_spec(
         ops += [Op(col, col, "now") for col in resolve_group(group, target, cores)]
     if spec.workload:
         ops += [Op(f"workload_{cat}", cat, "onehot") for cat in workloads]
+    if spec.host:
+        ops += [Op(f"host_{name}", name, "host") for name in hosts]
     max_lag = max((max(v) for v in spec.lags.values() if v), default=0)
     for k in range(1, max_lag + 1):
         for group, lags in spec.lags.items():
@@ -163,8 +175,8 @@ def op_expr(op: Op, contiguous: bool = False) -> pl.Expr:
     col = pl.col(op.source)
     if op.kind == "now":
         return col.cast(pl.Float64).alias(op.name)
-    if op.kind == "onehot":
-        return (pl.col(WORKLOAD) == op.source).cast(pl.Float64).alias(op.name)
+    if op.kind in CATEGORICAL:
+        return (pl.col(CATEGORICAL[op.kind]) == op.source).cast(pl.Float64).alias(op.name)
     if op.kind == "lag":
         expr, reach = col.shift(op.param), op.param
     elif op.kind == "mean":
@@ -177,10 +189,24 @@ def op_expr(op: Op, contiguous: bool = False) -> pl.Expr:
     return expr.cast(pl.Float64).fill_null(float("nan")).alias(op.name)
 
 
-def runs_are_contiguous(frame: pl.DataFrame) -> bool:
-    """True when every run's rows form one block."""
-    changes = int((frame[RUN_COLUMN] != frame[RUN_COLUMN].shift(1)).sum())
-    return changes + 1 == frame[RUN_COLUMN].n_unique() if frame.height else True
+def run_starts(runs: pl.Series) -> np.ndarray:
+    """Row indices where a new block of one run begins (row 0 included)."""
+    if runs.len() == 0:
+        return np.zeros(0, dtype=np.int64)
+    changed = (runs != runs.shift(1)).fill_null(True).to_numpy()
+    return np.flatnonzero(changed)
+
+
+def runs_are_contiguous(runs: pl.Series, starts: np.ndarray | None = None) -> bool:
+    """True when every run's rows form one block (no run starts two blocks)."""
+    starts = run_starts(runs) if starts is None else starts
+    return runs.gather(starts).n_unique() == starts.size
+
+
+def contiguous_positions(runs: pl.Series, starts: np.ndarray) -> np.ndarray:
+    """Each row's position within its run, for runs that form one block each."""
+    lengths = np.diff(np.append(starts, runs.len()))
+    return np.arange(runs.len(), dtype=np.int64) - np.repeat(starts, lengths)
 
 
 def with_derived(frame: pl.DataFrame, compiled: CompiledSpec) -> pl.DataFrame:
@@ -198,59 +224,84 @@ def build_features(
     spec: FeatureSpec,
     target: str,
     workloads: list[str],
+    dtype: type[np.floating] = np.float64,
+    hosts: list[str] | tuple[str, ...] = (),
 ) -> FeatureMatrix:
-    """Evaluate `spec` on a telemetry frame (as `load_runs` returns it)."""
+    """Evaluate `spec` on a telemetry frame (as `load_runs` returns it).
+
+    dtype: of the matrix. float32 halves its memory (for millions of rows); values are
+    computed in float64 and rounded once when written.
+    hosts: the host categories, for a spec with `host` (a frame without a host column
+    counts as an unseen host: all its host columns are zero).
+    """
     cores = schema_of(frame).core_columns
-    compiled = compile_spec(spec, target, cores, workloads)
+    compiled = compile_spec(spec, target, cores, workloads, hosts)
     warn_unseen_workloads(frame, workloads, spec)
-    contiguous = runs_are_contiguous(frame)
-    position = pl.int_range(pl.len()).over(RUN_COLUMN).alias("position")
+    if spec.host and HOST not in frame.columns:
+        frame = frame.with_columns(pl.lit("").alias(HOST))
     names = compiled.names
-    if contiguous:
-        base = with_derived(frame, compiled).with_columns(position)
-        X = _matrix_contiguous(base, compiled)
-        out = base
+    starts = run_starts(frame[RUN_COLUMN])
+    if runs_are_contiguous(frame[RUN_COLUMN], starts):
+        out = with_derived(frame, compiled).with_columns(
+            pl.Series("position", contiguous_positions(frame[RUN_COLUMN], starts)))
+        X = _matrix_contiguous(out, compiled, dtype)
     else:
         out = (
             with_derived(frame, compiled).lazy()
-            .with_columns(position)
+            .with_columns(pl.int_range(pl.len()).over(RUN_COLUMN).alias("position"))
             .select(pl.col(RUN_COLUMN), pl.col(TIMESTAMP), pl.col(WORKLOAD), pl.col("position"),
-                    *[op_expr(op, contiguous) for op in compiled.ops])
+                    *[op_expr(op) for op in compiled.ops])
             .collect()
         )
-        X = (out.select(names).to_numpy(order="fortran") if names
-             else np.empty((out.height, 0)))
+        X = (out.select(names).to_numpy(order="fortran").astype(dtype, copy=False) if names
+             else np.empty((out.height, 0), dtype=dtype))
     valid = (out["position"] >= spec.history).to_numpy()
-    keys = out.select(RUN_COLUMN, TIMESTAMP, WORKLOAD, "position")
+    # from the Series, not `select`: select rechunks, which copies a many-chunk frame
+    keys = pl.DataFrame([out[c] for c in (RUN_COLUMN, TIMESTAMP, WORKLOAD, "position")])
     return FeatureMatrix(names=names, X=X, valid=valid, keys=keys)
 
 
-def _matrix_contiguous(base: pl.DataFrame, compiled: CompiledSpec) -> np.ndarray:
+def _matrix_contiguous(base: pl.DataFrame, compiled: CompiledSpec, dtype) -> np.ndarray:
     """The feature matrix written column by column into one preallocated array.
 
     With runs contiguous, a lag is a slice of the source column, blanked (NaN) where it
-    would reach into the previous run; windows and one-hots come from Polars. Each value
-    is written once, so the matrix costs one pass over memory.
+    would reach into the previous run; a window comes from Polars one column at a time,
+    a one-hot from one comparison. Each value is written once and only one source column
+    is held outside the frame at a time, so memory is the matrix plus a column or two.
     """
     n = base.height
-    X = np.empty((n, len(compiled.ops)), order="F")
+    X = np.empty((n, len(compiled.ops)), dtype=dtype, order="F")
     position = base["position"].to_numpy()
-    sources = {s: base[s].to_numpy() for s in compiled.sources}
-    polars_ops = [op for op in compiled.ops if op.kind in ("mean", "std", "onehot")]
-    computed = base.select([op_expr(op, True) for op in polars_ops]) if polars_ops else None
-    short: dict[int, np.ndarray] = {}
+    max_lag = max((op.param for op in compiled.ops if op.kind == "lag"), default=0)
+    run_heads = np.flatnonzero(position < max_lag)  # rows a lag may reach back from
+    by_source: dict[str, list[tuple[int, Op]]] = {}
     for j, op in enumerate(compiled.ops):
-        if op.kind == "now":
-            X[:, j] = sources[op.source]
-        elif op.kind == "lag":
-            k = op.param
-            X[k:, j] = sources[op.source][:-k] if k < n else X[k:, j]
-            X[:min(k, n), j] = np.nan
-            if k not in short:
-                short[k] = np.flatnonzero(position < k)
-            X[short[k], j] = np.nan
-        else:
-            X[:, j] = computed[op.name].to_numpy()
+        by_source.setdefault(op.source if op.kind in ("now", "lag") else "", []).append((j, op))
+
+    def write(source: str) -> None:
+        values = base[source].to_numpy() if source else None
+        for j, op in by_source[source]:
+            if op.kind == "now":
+                X[:, j] = values
+            elif op.kind == "lag":
+                k = op.param
+                X[k:, j] = values[:-k] if k < n else X[k:, j]
+                X[:min(k, n), j] = np.nan
+                X[run_heads[position[run_heads] < k], j] = np.nan
+            elif op.kind in CATEGORICAL:
+                X[:, j] = (base[CATEGORICAL[op.kind]] == op.source).to_numpy()
+            else:
+                X[:, j] = base.select(op_expr(op, contiguous=True)).to_series().to_numpy()
+
+    # NumPy releases the GIL while it copies, so threads write columns (and take the page
+    # faults of fresh memory) in parallel; each column has one writer, so the result is
+    # the same whatever the thread count.
+    if n * len(compiled.ops) < PARALLEL_CELLS:
+        for source in by_source:
+            write(source)
+    else:
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            list(pool.map(write, by_source))
     return X
 
 

@@ -52,6 +52,7 @@ class OnlineFeatures:
                 np.array([ops[i].kind == "std" for i in members]),
             ))
         self.onehot = [(i, op.source) for i, op in enumerate(ops) if op.kind == "onehot"]
+        self.host_onehot = [(i, op.source) for i, op in enumerate(ops) if op.kind == "host"]
 
     def reset(self) -> None:
         self.count = 0
@@ -66,7 +67,8 @@ class OnlineFeatures:
         return np.array([derived[s][0] if s in derived else raw[self.raw_pos[s]]
                          for s in self.sources])
 
-    def update(self, cores: np.ndarray, overall: float, workload: str) -> np.ndarray | None:
+    def update(self, cores: np.ndarray, overall: float, workload: str,
+               host: str = "") -> np.ndarray | None:
         """Push one sample; return its feature vector, or None while history is short."""
         head = self.count % self.length
         self.ring[head] = self._row(cores, overall)
@@ -81,4 +83,6 @@ class OnlineFeatures:
             x[out] = np.round(np.where(is_std, block.std(axis=0, ddof=1), mean), WINDOW_DECIMALS)
         for i, category in self.onehot:
             x[i] = 1.0 if workload == category else 0.0
+        for i, category in self.host_onehot:
+            x[i] = 1.0 if host == category else 0.0
         return x

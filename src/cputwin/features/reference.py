@@ -11,7 +11,7 @@ import pandas as pd
 
 from cputwin.features.engine import resolve_group
 from cputwin.features.spec import FeatureSpec
-from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, WORKLOAD, core_columns_in
+from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, WORKLOAD, core_columns_in
 
 
 def _window(values: pd.Series, w: int, stat: str) -> np.ndarray:
@@ -46,7 +46,8 @@ def reference_derived(df: pd.DataFrame, target: str, cores: list[str]) -> dict[s
 
 
 def reference_features(
-    df: pd.DataFrame, spec: FeatureSpec, target: str, workloads: list[str]
+    df: pd.DataFrame, spec: FeatureSpec, target: str, workloads: list[str],
+    hosts: list[str] | tuple[str, ...] = (),
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Features (same names as the engine's) and the valid-row mask, row for row."""
     cores = core_columns_in(list(df.columns))
@@ -59,6 +60,9 @@ def reference_features(
     if spec.workload:
         for cat in workloads:
             cols[f"workload_{cat}"] = (df[WORKLOAD] == cat).astype(float)
+    if spec.host:
+        for name in hosts:
+            cols[f"host_{name}"] = (df[HOST] == name).astype(float)
     max_lag = max((max(v) for v in spec.lags.values() if v), default=0)
     for k in range(1, max_lag + 1):
         for group, lags in spec.lags.items():

@@ -43,6 +43,8 @@ class FeatureSpec:
     windows: group -> list of (window length, statistic); statistic in WINDOW_STATS
         (std is the sample std, ddof=1, as pandas computes it).
     workload: one-hot workload columns (categories fixed at training).
+    host: one-hot host columns (categories fixed at training): one twin over many hosts
+        of one kind, each host its own category.
     min_history: rows dropped at the start of every run even if the features need
         fewer (the seed dropped rows for windows it computed but never used).
     """
@@ -53,6 +55,7 @@ class FeatureSpec:
     windows: dict[str, tuple[tuple[int, str], ...]] = field(default_factory=dict)
     workload: bool = True
     min_history: int = 0
+    host: bool = False
 
     def __post_init__(self) -> None:
         for group in [*self.current, *self.lags, *self.windows]:
@@ -113,6 +116,7 @@ class FeatureSpec:
             "windows": {g: [[w, s] for w, s in v] for g, v in self.windows.items()},
             "workload": self.workload,
             "min_history": self.min_history,
+            "host": self.host,
         }
 
     @classmethod
@@ -127,6 +131,7 @@ class FeatureSpec:
                 },
                 workload=bool(data["workload"]),
                 min_history=int(data["min_history"]),
+                host=bool(data.get("host", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FeatureError(f"malformed feature spec: {exc}") from None

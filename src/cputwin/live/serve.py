@@ -30,19 +30,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cputwin.errors import CputwinError
 from cputwin.telemetry.ingest import check_run
-from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, WORKLOAD
+from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, WORKLOAD
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class Sample(BaseModel):
     """One telemetry sample: timestamp, overall and per-core utilisation (cpu_util_core_<i>
-    for every core of the twin's machine), workload label."""
+    for every core of the twin's machine), workload label, and the host (read by a twin
+    trained with --host-category; a stream's host is its first sample's)."""
 
     model_config = ConfigDict(extra="allow")
     timestamp: float
     cpu_util_overall: float = Field(ge=0, le=100)
     workload_type: str = Field(min_length=1, max_length=200)
+    host: str = Field(default="", max_length=200)
 
 
 class Rows(BaseModel):
@@ -116,7 +118,7 @@ class Streams:
         self.items: dict[str, list] = {}  # id -> [stream, last timestamp, last seen]
         self.lock = threading.Lock()
 
-    def get(self, stream_id: str) -> list:
+    def get(self, stream_id: str, host: str = "") -> list:
         now = time.monotonic()
         with self.lock:
             for sid in [s for s, v in self.items.items() if now - v[2] > self.ttl_s]:
@@ -125,7 +127,7 @@ class Streams:
                 if len(self.items) >= self.max_streams:
                     raise HTTPException(429, f"too many live streams (cap {self.max_streams}); "
                                              "retry later or reuse a stream id")
-                self.items[stream_id] = [self.twin.stream(), None, now]
+                self.items[stream_id] = [self.twin.stream(host), None, now]
             entry = self.items[stream_id]
             entry[2] = now
             return entry
@@ -162,7 +164,8 @@ def _frame(samples: list[Sample], n_cores: int) -> pl.DataFrame:
             OVERALL: [s.cpu_util_overall for s in samples],
             **{f"cpu_util_core_{i}": values[:, i] for i in range(n_cores)},
             WORKLOAD: [s.workload_type for s in samples]}
-    return check_run(pl.DataFrame(data), "request")
+    frame = check_run(pl.DataFrame(data), "request")
+    return frame.with_columns(pl.Series(HOST, [s.host for s in samples]))
 
 
 class LimitsAndMetrics:
@@ -262,7 +265,7 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
         cores = _stream_rows(body.samples, n_cores)  # validates before any state changes
         if len(stream_id) > 200:
             raise HTTPException(422, "stream id longer than 200 characters")
-        entry = app_state.streams.get(stream_id)
+        entry = app_state.streams.get(stream_id, body.samples[0].host)
         stream, last = entry[0], entry[1]
         ts = [s.timestamp for s in body.samples]
         if (last is not None and ts[0] <= last) or bool(np.any(np.diff(ts) <= 0)):

@@ -17,7 +17,7 @@ from cputwin.features.engine import compile_spec
 from cputwin.features.online import OnlineFeatures
 from cputwin.live.detector import Detector
 from cputwin.models import TwinStack
-from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, WORKLOAD, Schema
+from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, WORKLOAD, Schema
 
 
 @dataclass
@@ -46,19 +46,22 @@ class OnlineTwin:
             raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, "
                             f"the stream has {self.schema.n_cores}")
         cores = self.schema.core_columns
-        self.compiled = [compile_spec(spec.features, stack.target, cores, stack.workloads_)
+        self.compiled = [compile_spec(spec.features, stack.target, cores, stack.workloads_,
+                                      stack.hosts_)
                          for spec in stack.base_specs_]
         self.names = [b.name for b in stack.base_specs_]
 
-    def stream(self) -> TwinStream:
-        return TwinStream(self)
+    def stream(self, host: str = "") -> TwinStream:
+        """A new run's state; `host` matters to a twin fitted with host categories."""
+        return TwinStream(self, host)
 
 
 class TwinStream:
     """The online state of one run."""
 
-    def __init__(self, twin: OnlineTwin) -> None:
+    def __init__(self, twin: OnlineTwin, host: str = "") -> None:
         self.twin = twin
+        self.host = host
         self.features = [OnlineFeatures(c) for c in twin.compiled]
         self.target_index = twin.schema.core_columns.index(twin.stack.target)
         self.meta = twin.stack.meta_
@@ -67,7 +70,7 @@ class TwinStream:
     def update(self, cores: np.ndarray, overall: float, workload: str) -> Tick:
         """Push one sample: all cores' utilisation (the target's is not read), the overall
         utilisation and the workload label."""
-        vectors = [f.update(cores, overall, workload) for f in self.features]
+        vectors = [f.update(cores, overall, workload, self.host) for f in self.features]
         if any(v is None for v in vectors):
             return Tick(None, None)
         preds = np.array([base.predict_one(x)
@@ -89,11 +92,12 @@ def replay(stack: TwinStack, frame: pl.DataFrame) -> np.ndarray:
     overall = frame[OVERALL].to_numpy()
     workloads = frame[WORKLOAD].to_list()
     runs = frame[RUN_COLUMN].to_list()
+    hosts = frame[HOST].to_list() if HOST in frame.columns else [""] * frame.height
     out = np.full(frame.height, np.nan)
     stream, current = None, None
     for i in range(frame.height):
         if runs[i] != current:
-            stream, current = twin.stream(), runs[i]
+            stream, current = twin.stream(hosts[i]), runs[i]
         tick = stream.update(cores[i], overall[i], workloads[i])
         if tick.prediction is not None:
             out[i] = tick.prediction

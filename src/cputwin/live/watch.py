@@ -9,6 +9,7 @@ merged into `DIR/watch-<time>.parquet` on a clean stop.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -66,7 +67,8 @@ def watch(
     if sampler.schema.n_cores != stack.schema_.n_cores and not stack.portable_:
         raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, this machine "
                         f"has {sampler.schema.n_cores}")
-    stream = OnlineTwin(stack, n_cores=sampler.schema.n_cores, detector=detector).stream()
+    stream = OnlineTwin(stack, n_cores=sampler.schema.n_cores,
+                        detector=detector).stream(socket.gethostname())
     cores = sampler.schema.core_columns
     recorder = Recorder(record, sampler) if record else None
     event_file = open(events, "a", encoding="utf-8") if events else None  # noqa: SIM115

@@ -33,9 +33,10 @@ from cputwin.models.base import (
 )
 from cputwin.models.meta import META_KINDS, LinearMeta, choose_meta, fit_meta
 from cputwin.telemetry.ingest import schema_of
-from cputwin.telemetry.schema import RUN_COLUMN, WORKLOAD, Schema
+from cputwin.telemetry.schema import HOST, RUN_COLUMN, WORKLOAD, Schema
 
 Progress = Callable[[str, float], None]  # (what is running, fraction of fit done)
+FEATURE_DTYPES = {"float64": np.float64, "float32": np.float32}
 
 
 def _noop(_: str, __: float) -> None:
@@ -66,6 +67,10 @@ class TwinStack(RegressorMixin, BaseEstimator):
     meta_model : "ridge" (RidgeCV, the seed's), "nnls", "best", "average",
         "per_workload", "auto" (chosen by out-of-fold score), or a scikit-learn linear
         regressor (cloned in fit).
+    host_category : one twin over many hosts of one kind, with each host a one-hot
+        category (the frame needs a `host` column, as `load_runs` gives).
+    feature_dtype : "float64", or "float32" to halve the feature matrices' memory on
+        millions of rows.
     """
 
     def __init__(
@@ -79,6 +84,8 @@ class TwinStack(RegressorMixin, BaseEstimator):
         early_stopping_fraction: float = 0.15,
         base_params: dict[str, dict[str, Any]] | None = None,
         meta_model: Any = "ridge",
+        host_category: bool = False,
+        feature_dtype: str = "float64",
     ) -> None:
         self.bases = bases
         self.target = target
@@ -89,6 +96,8 @@ class TwinStack(RegressorMixin, BaseEstimator):
         self.early_stopping_fraction = early_stopping_fraction
         self.base_params = base_params
         self.meta_model = meta_model
+        self.host_category = host_category
+        self.feature_dtype = feature_dtype
 
     # ------------------------------------------------------------------ fit
     def fit(self, X: pl.DataFrame, y: Any = None, progress: Progress | None = None) -> TwinStack:
@@ -99,7 +108,11 @@ class TwinStack(RegressorMixin, BaseEstimator):
         self.schema_ = schema_of(frame)
         self.schema_.check_target(self.target)
         self.workloads_ = sorted(frame[WORKLOAD].unique().to_list())
-        self.base_specs_ = [replace(b, features=b.features.for_mode(self.mode))
+        if self.host_category and HOST not in frame.columns:
+            raise ModelError("host_category needs a 'host' column (load_runs adds one)")
+        self.hosts_ = sorted(frame[HOST].unique().to_list()) if self.host_category else []
+        self.base_specs_ = [replace(b, features=replace(b.features.for_mode(self.mode),
+                                                        host=bool(self.host_category)))
                             for b in resolve_bases(self.bases)]
         names = [b.name for b in self.base_specs_]
         if len(set(names)) != len(names):
@@ -195,20 +208,27 @@ class TwinStack(RegressorMixin, BaseEstimator):
             )
         if not self.bases:
             raise ModelError("bases must name at least one base model")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ModelError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, "
+                             f"got {self.feature_dtype!r}")
         if isinstance(self.meta_model, str) and self.meta_model not in META_KINDS:
             raise ModelError(f"meta_model must be one of {', '.join(META_KINDS)} or a "
                              f"scikit-learn linear regressor, got {self.meta_model!r}")
 
     def _features(self, frame: pl.DataFrame) -> list[FeatureMatrix]:
-        return [build_features(frame, b.features, self.target, self.workloads_)
-                for b in self.base_specs_]
+        return [self._matrix(frame, b, self.target) for b in self.base_specs_]
+
+    def _matrix(self, frame: pl.DataFrame, base: BaseSpec, target: str) -> FeatureMatrix:
+        return build_features(frame, base.features, target, self.workloads_,
+                              dtype=FEATURE_DTYPES[self.feature_dtype],
+                              hosts=self.hosts_)
 
     def _training_data(self, frame: pl.DataFrame, spec: BaseSpec, mat: FeatureMatrix):
         """(rows -> (X, y), feature names): the target's rows, or every core's for a pooled base."""
         if not spec.pooled:
             y = frame[self.target].to_numpy()
             return (lambda rows: (mat.X[rows], y[rows])), mat.names
-        per_core = [(build_features(frame, spec.features, core, self.workloads_).X,
+        per_core = [(mat.X if core == self.target else self._matrix(frame, spec, core).X,
                      frame[core].to_numpy()) for core in self.schema_.core_columns]
 
         def rows_data(rows):
@@ -301,13 +321,16 @@ class TwinStack(RegressorMixin, BaseEstimator):
             "mode": self.mode,
             "n_cores": self.schema_.n_cores,
             "workloads": self.workloads_,
+            "hosts": self.hosts_,
             "bases": [{"spec": s.to_dict(), "model": m.to_dict()}
                       for s, m in zip(self.base_specs_, self.bases_, strict=True)],
             "meta": self.meta_.to_dict(),
             "history": self.history_,
             "params": {"n_folds": self.n_folds, "gap": self.gap_,
                        "first_fold_fraction": self.first_fold_fraction,
-                       "early_stopping_fraction": self.early_stopping_fraction},
+                       "early_stopping_fraction": self.early_stopping_fraction,
+                       "host_category": self.host_category,
+                       "feature_dtype": self.feature_dtype},
             "base_params": self.base_params_,
             "n_train_rows": self.n_train_rows_,
         }
@@ -320,9 +343,12 @@ class TwinStack(RegressorMixin, BaseEstimator):
                     n_folds=p["n_folds"], gap=p["gap"],
                     first_fold_fraction=p["first_fold_fraction"],
                     early_stopping_fraction=p["early_stopping_fraction"],
-                    meta_model=data["meta"]["kind"].removeprefix("auto:"))
+                    meta_model=data["meta"]["kind"].removeprefix("auto:"),
+                    host_category=bool(p.get("host_category", False)),
+                    feature_dtype=p.get("feature_dtype", "float64"))
         stack.schema_ = Schema(n_cores=int(data["n_cores"]))
         stack.workloads_ = list(data["workloads"])
+        stack.hosts_ = list(data.get("hosts", []))
         stack.base_specs_ = specs
         stack.bases_ = [base_from_dict(b["model"]) for b in data["bases"]]
         stack.meta_ = LinearMeta.from_dict(data["meta"])

@@ -14,7 +14,9 @@ from pathlib import Path
 import polars as pl
 
 from cputwin.errors import DataError
+from cputwin.telemetry.collector import read_metadata
 from cputwin.telemetry.schema import (
+    HOST,
     OPTIONAL_COLUMNS,
     OVERALL,
     RUN_COLUMN,
@@ -60,20 +62,57 @@ def resolve_paths(source: PathLike | Iterable[PathLike]) -> list[Path]:
 def load_runs(source: PathLike | Iterable[PathLike]) -> pl.DataFrame:
     """Load and check telemetry runs; one run per parquet file, named by the file's stem.
 
-    Returns one frame with a leading `run` column, sorted by (run, timestamp). Every
-    run must have the same logical-core count; extra columns are dropped.
+    Returns one frame with leading `run` and `host` columns (see `host_of`), in file
+    order, each run sorted by timestamp. When the files come from more than one host a
+    run is named `host/stem`, so two hosts' `run1` stay two runs. Every run must have
+    the same logical-core count (`load_hosts` loads hosts that differ); extra columns
+    are dropped.
     """
     paths = resolve_paths(source)
     frames = [read_run(p) for p in paths]
+    if len({f[HOST][0] for f in frames}) > 1:
+        frames = [f.with_columns(pl.concat_str(HOST, pl.lit("/"), RUN_COLUMN).alias(RUN_COLUMN))
+                  for f in frames]
     names = [f[RUN_COLUMN][0] for f in frames]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[0]
         raise DataError(f"two files share the run name {dup!r}: run names must be unique")
-    counts = {p.name: count_cores(f) for p, f in zip(paths, frames, strict=True)}
+    counts = {f[RUN_COLUMN][0]: count_cores(f) for f in frames}
     if len(set(counts.values())) > 1:
         desc = ", ".join(f"{name}: {n}" for name, n in counts.items())
-        raise DataError(f"runs have different core counts ({desc}); train one twin per machine")
+        raise DataError(f"runs have different core counts ({desc}); train one twin per "
+                        "machine (--per-host)")
     return pl.concat(frames, how="vertical")
+
+
+def load_hosts(source: PathLike | Iterable[PathLike]) -> dict[str, pl.DataFrame]:
+    """Load runs grouped by host: host -> that host's frame (hosts may differ in cores)."""
+    by_host: dict[str, list[Path]] = {}
+    for path in resolve_paths(source):
+        by_host.setdefault(host_of(path), []).append(path)
+    return {host: load_runs(paths) for host, paths in sorted(by_host.items())}
+
+
+def host_of(path: Path, raw: pl.DataFrame | None = None) -> str:
+    """The host a run was recorded on: its `host` column, else the collector's metadata,
+    else the name of the folder that holds the file."""
+    if raw is None:
+        try:
+            has_host = HOST in pl.read_parquet_schema(path)
+            raw = pl.read_parquet(path, columns=[HOST]) if has_host else None
+        except Exception:  # an unreadable file is reported, with its reason, by read_run
+            raw = None
+    if raw is not None and HOST in raw.columns:
+        hosts = raw[HOST].drop_nulls().unique()
+        if hosts.len() > 1:
+            raise DataError(f"{path}: column 'host' holds {hosts.len()} hosts; one run is one host")
+        if hosts.len() == 1:
+            return str(hosts[0])
+    try:
+        host = read_metadata(path).get("host")
+    except Exception:
+        host = None
+    return str(host) if host else Path(path).resolve().parent.name
 
 
 def count_cores(frame: pl.DataFrame) -> int:
@@ -91,7 +130,8 @@ def read_run(path: Path) -> pl.DataFrame:
     except Exception as exc:  # polars raises several types for a bad file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: cannot read as parquet ({first})") from None
-    return check_run(raw, path)
+    frame = check_run(raw, path)
+    return frame.insert_column(1, pl.Series(HOST, [host_of(path, raw)] * frame.height))
 
 
 def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:

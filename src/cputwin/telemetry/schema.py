@@ -12,6 +12,7 @@ TIMESTAMP = "timestamp"
 OVERALL = "cpu_util_overall"
 WORKLOAD = "workload_type"
 RUN_COLUMN = "run"
+HOST = "host"
 CORE_PREFIX = "cpu_util_core_"
 FREQ_COLUMNS = ("cpu_freq_current_mhz", "cpu_freq_min_mhz", "cpu_freq_max_mhz")
 TEMP_COLUMN = "cpu_temp_celsius_avg"
