@@ -48,10 +48,13 @@ def make_dataset(rows: int, cores: int, path: Path) -> None:
     starts = rng.integers(0, base.height - RUN_ROWS, n_runs)
     idx = (starts[:, None] + np.arange(RUN_ROWS)[None, :]).ravel()[:rows]
     noisy = np.clip(util[idx] + rng.normal(0, 0.5, (rows, cores)), 0, 100)
+    # the overall load gets noise of its own, as psutil's overall and per-core readings
+    # are taken apart: it is close to, not exactly, the mean of the cores
+    overall = np.clip(util[idx].mean(axis=1) + rng.normal(0, 0.5, rows), 0, 100)
     frame = pl.DataFrame({
         "run": np.repeat(np.arange(n_runs), RUN_ROWS)[:rows].astype(str),
         "timestamp": np.tile(np.arange(RUN_ROWS) * 0.1, n_runs)[:rows],
-        "cpu_util_overall": noisy.mean(axis=1),
+        "cpu_util_overall": overall,
         **{f"cpu_util_core_{i}": noisy[:, i] for i in range(cores)},
         "workload_type": base["workload_type"].to_numpy()[idx],
     })

@@ -178,3 +178,24 @@ def test_any_valid_run_round_trips(tmp_path, run):
         if col != "workload_type":
             np.testing.assert_array_equal(out[col].to_numpy(), run[col].to_numpy())
     assert out["workload_type"].to_list() == run["workload_type"].to_list()
+
+
+def test_a_file_with_a_run_column_holds_many_runs(tmp_path):
+    a = synthetic_run(n=30, seed=1).with_columns(pl.lit("b-run").alias("run"))
+    b = synthetic_run(n=20, seed=2).with_columns(pl.lit("a-run").alias("run"))
+    # interleaved and reversed: runs come back in first-seen order, each sorted in time
+    mixed = pl.concat([a, b]).reverse()
+    with pytest.warns(DataWarning, match="not sorted"):
+        out = load_runs(write_run(mixed, tmp_path, "export"))
+    assert out.group_by("run", maintain_order=True).len().rows() == [("a-run", 20), ("b-run", 30)]
+    for _, run in out.group_by("run"):
+        assert run["timestamp"].is_sorted()
+    # the same timestamp in two runs is no duplicate; twice in one run is
+    clean = load_runs(write_run(pl.concat([a, b]), tmp_path / "clean", "export"))
+    assert clean.height == 50
+    with pytest.warns(DataWarning, match="dropped 5 rows"):
+        assert load_runs(write_run(pl.concat([a, a.head(5)]), tmp_path / "dup", "x")).height == 30
+    write_run(a, tmp_path / "two", "other")
+    write_run(a.with_columns(pl.lit("b-run").alias("run")), tmp_path / "two", "again")
+    with pytest.raises(DataError, match="'b-run'"):
+        load_runs(tmp_path / "two")

@@ -36,6 +36,13 @@ err = Console(stderr=True, soft_wrap=True)
 DataArg = Annotated[list[str], typer.Argument(help="Parquet runs: files, folders or globs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, nothing else.")]
 TargetOpt = Annotated[str, typer.Option(help="Core column to twin (evaluate: or 'all').")]
+MaxRoundsOpt = Annotated[int | None, typer.Option(
+    "--max-rounds", min=1, help="Cap every LightGBM base's boosting rounds (large data).")]
+Float32Opt = Annotated[bool, typer.Option(
+    "--float32", help="Build feature matrices in float32: half the memory (large data).")]
+DaskOpt = Annotated[str | None, typer.Option(
+    "--dask", metavar="ADDRESS",
+    help="Fit on a Dask cluster: a scheduler address, or local:N for N local workers.")]
 HostCategoryOpt = Annotated[bool, typer.Option(
     "--host-category", help="One twin over all hosts, each host a one-hot category.")]
 BasesOpt = Annotated[str, typer.Option(
@@ -48,7 +55,10 @@ MetaOpt = Annotated[str | None, typer.Option(
 
 
 def _bases(value: str) -> str | list[str]:
-    return value if "," not in value else [b.strip() for b in value.split(",") if b.strip()]
+    """A preset name as is; anything else is a comma-separated list of base names."""
+    from cputwin.models import PRESETS
+
+    return value if value in PRESETS else [b.strip() for b in value.split(",") if b.strip()]
 
 
 @contextmanager
@@ -152,6 +162,9 @@ def evaluate(
         help="Score on these runs (another machine) after training on all of DATA.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write an HTML report into this folder.")] = None,
     host_category: HostCategoryOpt = False,
+    max_rounds: MaxRoundsOpt = None,
+    float32: Float32Opt = False,
+    dask: DaskOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train and score the twin on DATA under an evaluation protocol."""
@@ -161,7 +174,7 @@ def evaluate(
         summary, _ = pipeline.evaluate(
             data, protocol, target, train_fraction, report, progress,
             bases=_bases(bases), mode=mode, meta=meta, test_data=test or None,
-            host_category=host_category)
+            host_category=host_category, max_rounds=max_rounds, float32=float32, dask=dask)
     if as_json:
         _json(summary)
         return
@@ -204,6 +217,9 @@ def train(
     per_host: Annotated[bool, typer.Option(
         "--per-host", help="One twin per host, written as OUTPUT/<host>.cputwin.")] = False,
     host_category: HostCategoryOpt = False,
+    max_rounds: MaxRoundsOpt = None,
+    float32: Float32Opt = False,
+    dask: DaskOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit a twin on all of DATA and save it as a pickle-free .cputwin file."""
@@ -211,7 +227,8 @@ def train(
         from cputwin import pipeline
 
         result = pipeline.train(data, output, target, progress, bases=_bases(bases), mode=mode,
-                                meta=meta, per_host=per_host, host_category=host_category)
+                                meta=meta, per_host=per_host, host_category=host_category,
+                                max_rounds=max_rounds, float32=float32, dask=dask)
     if as_json:
         _json(result)
         return

@@ -7,7 +7,8 @@ callback taking a short message.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -21,13 +22,16 @@ from cputwin.errors import DataError
 from cputwin.evaluation.metrics import scores
 from cputwin.evaluation.protocols import (
     Evaluation,
+    Fit,
     evaluate_honest,
     evaluate_seed,
     evaluate_transfer,
+    local_fit,
 )
 from cputwin.evaluation.report import write_report
 from cputwin.live.detector import Detector, calibrate
 from cputwin.models import TwinStack
+from cputwin.models.base import params_for, resolve_bases
 from cputwin.telemetry.ingest import load_hosts, load_runs, resolve_paths, schema_of
 from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, WORKLOAD
 
@@ -46,13 +50,40 @@ def make_stack(
     mode: str = "sensor",
     meta: str | None = None,
     host_category: bool = False,
+    max_rounds: int | None = None,
+    float32: bool = False,
 ) -> TwinStack:
     """A stack as the CLI builds it: the seed's pair keeps the seed's RidgeCV meta-model,
-    any other set of bases lets the out-of-fold score choose (`auto`)."""
+    any other set of bases lets the out-of-fold score choose (`auto`).
+
+    max_rounds caps every LightGBM base's boosting rounds (early stopping may stop
+    sooner); float32 halves the feature matrices (both for millions of rows).
+    """
     if meta is None:
         meta = "ridge" if bases == "seed" else "auto"
+    base_params = None
+    if max_rounds is not None:
+        if max_rounds < 1:
+            raise DataError(f"max rounds must be at least 1, got {max_rounds}")
+        base_params = {b.name: {"n_estimators": min(max_rounds, params_for(b.name, b.params)
+                                                    ["n_estimators"])}
+                       for b in resolve_bases(bases) if b.learner == "lgbm"}
     return TwinStack(bases=bases, target=target, mode=mode, meta_model=meta,
-                     host_category=host_category)
+                     host_category=host_category, base_params=base_params,
+                     feature_dtype="float32" if float32 else "float64")
+
+
+@contextmanager
+def fitter(dask: str | None = None) -> Iterator[Fit]:
+    """How stacks are fitted: in this process, or (`dask`: a scheduler address or
+    `local:N`) on a Dask cluster, open for the duration."""
+    if dask is None:
+        yield local_fit
+        return
+    from cputwin.models.cluster import connect, fit_on_dask
+
+    with connect(dask) as client:
+        yield lambda stack, frame, progress=None: fit_on_dask(stack, frame, client, progress)
 
 
 def targets_of(frame: pl.DataFrame, target: str) -> list[str]:
@@ -71,16 +102,16 @@ def evaluate(
     report_dir: Path | None = None,
     progress: Progress | None = None,
     *,
-    bases: str | list[str] = "twin",
-    mode: str = "sensor",
-    meta: str | None = None,
     test_data: Any = None,
-    host_category: bool = False,
+    dask: str | None = None,
+    **stack_options: Any,
 ) -> tuple[dict[str, Any], list[Evaluation]]:
     """Run a protocol for one target or every core, optionally writing the HTML report.
 
     With `test_data`, the twin trains on all of `data` and is scored on all of
-    `test_data` (another machine): protocol "transfer".
+    `test_data` (another machine): protocol "transfer". `stack_options` go to
+    `make_stack` (bases, mode, meta, host_category, max_rounds, float32); `dask` fits
+    on a cluster (`fitter`).
     Returns the JSON summary: one target's object; for `both`, {"seed", "honest",
     "audit"}; for target `all`, {"targets": {...}, "mean": {"r2", "mae", "rmse"}}.
     """
@@ -92,23 +123,13 @@ def evaluate(
     if protocol != "honest" and (len(targets) > 1 or test_frame is not None):
         raise DataError("--target all and --test use the honest protocol; drop --protocol")
     summaries, evaluations = {}, []
-    for t in targets:
-        stack = make_stack(t, bases, mode, meta, host_category)
-        report = partial(progress, t) if progress and len(targets) > 1 else progress
-        if test_frame is not None:
-            ev, _ = evaluate_transfer(frame, test_frame, stack, report)
-            runs = [ev]
-        else:
-            runs = []
-            if protocol in ("seed", "both"):
-                runs.append(evaluate_seed(frame, target=t, progress=report))
-            if protocol in ("honest", "both"):
-                runs.append(evaluate_honest(frame, stack, train_fraction, report)[0])
-        evaluations += runs
-        summaries[t] = (
-            {**{e.summary["protocol"]: e.summary for e in runs}, "audit": runs[0].audit}
-            if protocol == "both" else runs[0].summary
-        )
+    with fitter(dask) as fit:
+        for t in targets:
+            report = partial(progress, t) if progress and len(targets) > 1 else progress
+            one, runs = _evaluate_target(frame, test_frame, t, protocol, train_fraction, report,
+                                         fit, stack_options)
+            evaluations += runs
+            summaries[t] = one
     if report_dir is not None:
         write_report(Path(report_dir), evaluations, f"cputwin evaluation: {target}")
     if len(targets) == 1:
@@ -116,6 +137,23 @@ def evaluate(
     mean = {m: float(np.mean([s[m]["stack"] for s in summaries.values()]))
             for m in ("r2", "mae", "rmse")}
     return {"targets": summaries, "mean": mean}, evaluations
+
+
+def _evaluate_target(frame, test_frame, target, protocol, train_fraction, report, fit,
+                     stack_options) -> tuple[dict[str, Any], list[Evaluation]]:
+    """One target's protocol runs, and its summary."""
+    stack = make_stack(target, **stack_options)
+    if test_frame is not None:
+        runs = [evaluate_transfer(frame, test_frame, stack, report, fit)[0]]
+    else:
+        runs = []
+        if protocol in ("seed", "both"):
+            runs.append(evaluate_seed(frame, target=target, progress=report))
+        if protocol in ("honest", "both"):
+            runs.append(evaluate_honest(frame, stack, train_fraction, report, fit)[0])
+    summary = ({**{e.summary["protocol"]: e.summary for e in runs}, "audit": runs[0].audit}
+               if protocol == "both" else runs[0].summary)
+    return summary, runs
 
 
 def partial(progress: Progress, label: str) -> Progress:
@@ -128,35 +166,33 @@ def train(
     target: str = "cpu_util_core_0",
     progress: Progress | None = None,
     *,
-    bases: str | list[str] = "twin",
-    mode: str = "sensor",
-    meta: str | None = None,
     per_host: bool = False,
-    host_category: bool = False,
+    dask: str | None = None,
+    **stack_options: Any,
 ) -> dict[str, Any]:
     """Fit a twin on all of `data` and save it; metrics are the out-of-fold scores.
 
     per_host: one twin per host (`load_hosts`), each saved as `out/<host>.cputwin`;
     hosts may differ in core count. Returns {"hosts": {host: that twin's result}}.
+    `stack_options` go to `make_stack`; `dask` fits on a cluster (`fitter`).
     """
     paths = resolve_paths(data)
-    if per_host and host_category:
+    if per_host and stack_options.get("host_category"):
         raise DataError("--per-host and --host-category exclude each other: one twin per host, "
                         "or one twin over all hosts")
-    if not per_host:
-        return train_frame(load_runs(paths), fingerprint(paths), Path(out), target, progress,
-                           bases=bases, mode=mode, meta=meta, host_category=host_category)
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if per_host and out.exists() and not out.is_dir():
         raise DataError(f"{out}: --per-host writes one twin per host into a folder; this is a file")
-    out.mkdir(parents=True, exist_ok=True)
-    hosts = load_hosts(paths)
+    frames = load_hosts(paths) if per_host else {None: load_runs(paths)}
     results = {}
-    for host, frame in hosts.items():
-        report = partial(progress, host) if progress else None
-        results[host] = train_frame(frame, fingerprint(paths), out / f"{file_safe(host)}.cputwin",
-                                    target, report, bases=bases, mode=mode, meta=meta)
-    return {"hosts": results}
+    with fitter(dask) as fit:
+        for host, frame in frames.items():
+            report = partial(progress, host) if progress and host else progress
+            path = out / f"{file_safe(host)}.cputwin" if host else out
+            path.parent.mkdir(parents=True, exist_ok=True)
+            results[host] = train_frame(frame, fingerprint(paths), path, target, report, fit,
+                                        **stack_options)
+    return {"hosts": results} if per_host else results[None]
 
 
 def file_safe(name: str) -> str:
@@ -169,15 +205,12 @@ def train_frame(
     out: Path,
     target: str,
     progress: Progress | None = None,
-    *,
-    bases: str | list[str] = "twin",
-    mode: str = "sensor",
-    meta: str | None = None,
-    host_category: bool = False,
+    fit: Fit = local_fit,
+    **stack_options: Any,
 ) -> dict[str, Any]:
     """Fit, calibrate the detector, save; the result names the out-of-fold scores."""
     schema_of(frame).check_target(target)
-    stack = make_stack(target, bases, mode, meta, host_category).fit(frame, progress=progress)
+    stack = fit(make_stack(target, **stack_options), frame, progress)
     y = frame[target].to_numpy()[stack.oof_index_]
     oof = stack.oof_predictions_
     stacked = stack.meta_.predict(oof, frame[WORKLOAD].to_numpy()[stack.oof_index_])
@@ -191,7 +224,7 @@ def train_frame(
         training["hosts"] = sorted(frame[HOST].unique().to_list())
     detector = calibrate(stack, frame)
     save_twin(stack, out, training=training, metrics=metrics, detector=detector.to_dict())
-    return {"twin": str(out), "target": target, "mode": mode, "rows": frame.height,
+    return {"twin": str(out), "target": target, "mode": stack.mode, "rows": frame.height,
             **({"hosts": training["hosts"]} if "hosts" in training else {}), **metrics,
             "meta": {"kind": stack.meta_.kind, "weights": stack.meta_weights_,
                      "intercept": stack.meta_intercept_}}

@@ -30,6 +30,7 @@ from cputwin.telemetry.ingest import schema_of
 from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, WORKLOAD
 
 SEED_SETS = ("v2.0", "v2.3")
+Fit = Callable[..., TwinStack]  # (stack, training frame, progress) -> the fitted stack
 SEED_SPLIT = dict(test_size=0.2, random_state=42)
 
 
@@ -51,17 +52,23 @@ def split_in_time(frame: pl.DataFrame, train_fraction: float) -> pl.Series:
     return frame.select((pos < cut).alias("train"))["train"]
 
 
+def local_fit(stack: TwinStack, frame: pl.DataFrame, progress=None) -> TwinStack:
+    return stack.fit(frame, progress=progress)
+
+
 def evaluate_honest(
     frame: pl.DataFrame,
     stack: TwinStack,
     train_fraction: float = 0.8,
     progress: Callable[[str, float], None] | None = None,
+    fit: Fit = local_fit,
 ) -> tuple[Evaluation, TwinStack]:
-    """Train on each run's past, score on its future."""
+    """Train on each run's past, score on its future. `fit` fits the stack (here, or on a
+    Dask cluster: `cputwin.models.cluster`)."""
     is_train = split_in_time(frame, train_fraction).to_numpy()
     train = frame.filter(pl.Series(is_train))
     started = time.perf_counter()
-    stack.fit(train, progress=progress)
+    fit(stack, train, progress)
     seconds = time.perf_counter() - started
     evaluation = score_stack(stack, frame, ~is_train, train)
     evaluation.summary.update(protocol="honest", train_fraction=train_fraction,
@@ -74,10 +81,11 @@ def evaluate_transfer(
     test: pl.DataFrame,
     stack: TwinStack,
     progress: Callable[[str, float], None] | None = None,
+    fit: Fit = local_fit,
 ) -> tuple[Evaluation, TwinStack]:
     """Train on all of one dataset (one machine), score on all of another."""
     started = time.perf_counter()
-    stack.fit(train, progress=progress)
+    fit(stack, train, progress)
     seconds = time.perf_counter() - started
     evaluation = score_stack(stack, test, np.ones(test.height, bool), train)
     evaluation.summary.update(protocol="transfer", training_seconds=round(seconds, 2),

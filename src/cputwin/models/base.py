@@ -8,6 +8,7 @@ linear base keeps its coefficients as numbers.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -258,16 +259,24 @@ def fit_lgbm(
     y: np.ndarray,
     feature_names: list[str],
     eval_set: tuple[np.ndarray, np.ndarray] | None = None,
+    on_round: Callable[[float], None] | None = None,
 ) -> lgb.LGBMRegressor:
-    """Fit one LGBMRegressor; with `eval_set`, stop early on l1 after 100 flat rounds."""
+    """Fit one LGBMRegressor; with `eval_set`, stop early on l1 after 100 flat rounds.
+
+    on_round: called after each boosting round with the share of rounds done (progress
+    bars on millions of rows, where one fit takes minutes).
+    """
     model = lgb.LGBMRegressor(**params)
+    callbacks = [] if on_round is None else [
+        lambda env: on_round((env.iteration + 1 - env.begin_iteration)
+                             / max(env.end_iteration - env.begin_iteration, 1))]
     if eval_set is None:
-        model.fit(X, y, feature_name=feature_names)
+        model.fit(X, y, feature_name=feature_names, callbacks=callbacks)
     else:
         model.fit(
             X, y, feature_name=feature_names,
             eval_X=(eval_set[0],), eval_y=(eval_set[1],), eval_metric=EARLY_STOPPING_METRIC,
-            callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)],
+            callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False), *callbacks],
         )
     return model
 
@@ -287,9 +296,10 @@ def fit_base(
     X: np.ndarray,
     y: np.ndarray,
     feature_names: list[str],
+    on_round: Callable[[float], None] | None = None,
 ) -> FittedBase:
     if spec.learner == "linear":
         coef, intercept = fit_linear(X, y)
         return LinearModel(spec.name, feature_names, coef, intercept)
-    model = fit_lgbm(params, X, y, feature_names)
+    model = fit_lgbm(params, X, y, feature_names, on_round=on_round)
     return BaseModel(spec.name, feature_names, model.booster_)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -102,9 +102,12 @@ class TwinStack(RegressorMixin, BaseEstimator):
     # ------------------------------------------------------------------ fit
     def fit(self, X: pl.DataFrame, y: Any = None, progress: Progress | None = None) -> TwinStack:
         """Fit on a telemetry frame (as `load_runs` gives); `y` is read from `target`."""
-        progress = progress or _noop
+        self.prepare(X)
+        return self.fit_from(LocalRows(self, X), progress)
+
+    def prepare(self, frame: pl.DataFrame) -> None:
+        """Check parameters and frame; fix schema, categories and the mode's feature specs."""
         self._validate_params()
-        frame = X
         self.schema_ = schema_of(frame)
         self.schema_.check_target(self.target)
         self.workloads_ = sorted(frame[WORKLOAD].unique().to_list())
@@ -117,53 +120,54 @@ class TwinStack(RegressorMixin, BaseEstimator):
         names = [b.name for b in self.base_specs_]
         if len(set(names)) != len(names):
             raise ModelError(f"bases must have distinct names, got {names}")
-        mats = self._features(frame)
-        valid = np.logical_and.reduce([m.valid for m in mats])
-        position = mats[0].keys["position"].to_numpy()
-        n_in_run = frame.select(pl.len().over(RUN_COLUMN))[:, 0].to_numpy()
-        workloads = frame[WORKLOAD].to_numpy()
-        target = frame[self.target].to_numpy()
-        data = [self._training_data(frame, spec, mat) for spec, mat in zip(self.base_specs_, mats,
-                                                                           strict=True)]
         self.history_ = max(b.features.history for b in self.base_specs_)
         self.gap_ = self.history_ if self.gap is None else int(self.gap)
+
+    def fit_from(self, rows: TrainingRows, progress: Progress | None = None) -> TwinStack:
+        """The honest fit on prepared training rows, wherever they live (`LocalRows` here,
+        a Dask cluster in `cputwin.models.cluster`): rounds, folds, meta-model, refit."""
+        progress = progress or _noop
+        valid = rows.valid
         if not valid.any():
             raise ModelError("no training row has the history the feature sets need")
-
-        stopping = [b for b in self.base_specs_ if b.early_stopping and b.learner == "lgbm"]
-        n_steps = len(self.base_specs_) * (self.n_folds + 1) + len(stopping) * (
-            self.early_stopping_fraction > 0)
+        names = [b.name for b in self.base_specs_]
+        stopping = [b for b in self.base_specs_ if b.early_stopping and b.learner == "lgbm"
+                    and self.early_stopping_fraction > 0 and rows.can_stop_early]
+        n_steps = len(self.base_specs_) * (self.n_folds + 1) + len(stopping)
         done = iter(range(n_steps))
+        now = {"step": 0, "message": ""}
 
         def step(message: str) -> None:
-            progress(message, next(done) / n_steps)
+            now.update(step=next(done), message=message)
+            progress(message, now["step"] / n_steps)
+
+        def within(share: float) -> None:
+            """Progress inside the current step (boosting rounds)."""
+            progress(now["message"], (now["step"] + min(share, 1.0)) / n_steps)
 
         params = {b.name: params_for(b.name, {**b.params, **(self.base_params or {}).get(b.name, {})})
                   for b in self.base_specs_}
-        if self.early_stopping_fraction > 0:
-            for spec, (rows_data, names_) in zip(self.base_specs_, data, strict=True):
-                if spec in stopping:
-                    step(f"choosing rounds for {spec.name}")
-                    params[spec.name]["n_estimators"] = self._rounds(
-                        rows_data, names_, valid, position, n_in_run, params[spec.name])
+        for j, spec in enumerate(self.base_specs_):
+            if spec in stopping:
+                step(f"choosing rounds for {spec.name}")
+                params[spec.name]["n_estimators"] = self._rounds(rows, j, params[spec.name], within)
         self.base_params_ = params
 
-        self.fold_plan_ = self._fold_plan(valid, position, n_in_run)
+        self.fold_plan_ = self._fold_plan(valid, rows.position, rows.n_in_run)
         oof_rows = np.concatenate([f["predict"] for f in self.fold_plan_])
         blocks = np.concatenate([np.full(f["predict"].size, k) for k, f in enumerate(self.fold_plan_)])
         oof = np.empty((oof_rows.size, len(self.base_specs_)))
-        for j, (spec, mat) in enumerate(zip(self.base_specs_, mats, strict=True)):
-            rows_data, feature_names = data[j]
+        for j, spec in enumerate(self.base_specs_):
             start = 0
             for k, fold in enumerate(self.fold_plan_):
                 step(f"fold {k + 1}/{len(self.fold_plan_)} of {spec.name}")
-                model = fit_base(spec, params[spec.name], *rows_data(fold["train"]), feature_names)
+                model = rows.fit(j, params[spec.name], fold["train"], within)
                 n = fold["predict"].size
-                oof[start:start + n, j] = model.predict(mat.X[fold["predict"]])
+                oof[start:start + n, j] = rows.predict(j, model, fold["predict"])
                 start += n
         self.oof_predictions_ = oof
         self.oof_index_ = oof_rows
-        y_oof, wl_oof = target[oof_rows], workloads[oof_rows]
+        y_oof, wl_oof = rows.target[oof_rows], rows.workloads[oof_rows]
         if self.meta_model == "auto":
             self.meta_, self.meta_scores_ = choose_meta(names, oof, y_oof, wl_oof, blocks)
         else:
@@ -171,11 +175,11 @@ class TwinStack(RegressorMixin, BaseEstimator):
             self.meta_scores_ = {}
 
         self.bases_: list[FittedBase] = []
-        rows = np.flatnonzero(valid)
-        for spec, (rows_data, feature_names) in zip(self.base_specs_, data, strict=True):
+        every = np.flatnonzero(valid)
+        for j, spec in enumerate(self.base_specs_):
             step(f"refitting {spec.name}")
-            self.bases_.append(fit_base(spec, params[spec.name], *rows_data(rows), feature_names))
-        self.n_train_rows_ = int(rows.size)
+            self.bases_.append(rows.fit(j, params[spec.name], every, within))
+        self.n_train_rows_ = int(every.size)
         progress("fitted", 1.0)
         return self
 
@@ -216,35 +220,21 @@ class TwinStack(RegressorMixin, BaseEstimator):
                              f"scikit-learn linear regressor, got {self.meta_model!r}")
 
     def _features(self, frame: pl.DataFrame) -> list[FeatureMatrix]:
-        return [self._matrix(frame, b, self.target) for b in self.base_specs_]
+        return [self.matrix(frame, b, self.target) for b in self.base_specs_]
 
-    def _matrix(self, frame: pl.DataFrame, base: BaseSpec, target: str) -> FeatureMatrix:
+    def matrix(self, frame: pl.DataFrame, base: BaseSpec, target: str) -> FeatureMatrix:
+        """One base's features of a frame, as this stack builds them (target, categories)."""
         return build_features(frame, base.features, target, self.workloads_,
-                              dtype=FEATURE_DTYPES[self.feature_dtype],
-                              hosts=self.hosts_)
+                              dtype=FEATURE_DTYPES[self.feature_dtype], hosts=self.hosts_)
 
-    def _training_data(self, frame: pl.DataFrame, spec: BaseSpec, mat: FeatureMatrix):
-        """(rows -> (X, y), feature names): the target's rows, or every core's for a pooled base."""
-        if not spec.pooled:
-            y = frame[self.target].to_numpy()
-            return (lambda rows: (mat.X[rows], y[rows])), mat.names
-        per_core = [(mat.X if core == self.target else self._matrix(frame, spec, core).X,
-                     frame[core].to_numpy()) for core in self.schema_.core_columns]
-
-        def rows_data(rows):
-            return (np.vstack([X[rows] for X, _ in per_core]),
-                    np.concatenate([y[rows] for _, y in per_core]))
-        return rows_data, mat.names
-
-    def _rounds(self, rows_data, names, valid, position, n_in_run, params) -> int:
+    def _rounds(self, rows: TrainingRows, j: int, params: dict[str, Any], on_round) -> int:
         """Boosting rounds chosen by l1 early stopping on the tail of each run's period."""
-        cut = np.floor(n_in_run * (1 - self.early_stopping_fraction))
-        train = np.flatnonzero(valid & (position < cut - self.gap_))
-        val = np.flatnonzero(valid & (position >= cut))
+        cut = np.floor(rows.n_in_run * (1 - self.early_stopping_fraction))
+        train = np.flatnonzero(rows.valid & (rows.position < cut - self.gap_))
+        val = np.flatnonzero(rows.valid & (rows.position >= cut))
         if train.size < 50 or val.size < 10:
             return int(params["n_estimators"])
-        model = fit_lgbm(params, *rows_data(train), names, eval_set=rows_data(val))
-        return max(int(model.best_iteration_ or params["n_estimators"]), 1)
+        return rows.best_rounds(j, params, train, val, on_round)
 
     def _fold_plan(self, valid, position, n_in_run) -> list[dict[str, np.ndarray]]:
         """Forward-chaining blocks per run: fold k predicts block k, trains on earlier rows."""
@@ -357,3 +347,70 @@ class TwinStack(RegressorMixin, BaseEstimator):
         stack.base_params_ = data["base_params"]
         stack.n_train_rows_ = int(data["n_train_rows"])
         return stack
+
+
+class TrainingRows(Protocol):
+    """A stack's training rows, wherever they live, by global row index.
+
+    valid, position (within run), n_in_run, target, workloads: one entry per row, in this
+    process (the fold plan and the meta-model need them); the feature matrices may live
+    elsewhere. `fit` trains base j on some rows, `predict` predicts base j's rows.
+    """
+
+    valid: np.ndarray
+    position: np.ndarray
+    n_in_run: np.ndarray
+    target: np.ndarray
+    workloads: np.ndarray
+    can_stop_early: bool
+
+    def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round) -> FittedBase: ...
+
+    def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray: ...
+
+    def best_rounds(self, j: int, params: dict[str, Any], train: np.ndarray, val: np.ndarray,
+                    on_round) -> int: ...
+
+
+class LocalRows:
+    """Training rows in this process: one feature matrix per base (and per core for a
+    pooled base, whose training rows are every core's rows as targets)."""
+
+    can_stop_early = True
+
+    def __init__(self, stack: TwinStack, frame: pl.DataFrame) -> None:
+        self.stack = stack
+        self.mats = stack._features(frame)
+        self.valid = np.logical_and.reduce([m.valid for m in self.mats])
+        self.position = self.mats[0].keys["position"].to_numpy()
+        self.n_in_run = frame.select(pl.len().over(RUN_COLUMN))[:, 0].to_numpy()
+        self.target = frame[stack.target].to_numpy()
+        self.workloads = frame[WORKLOAD].to_numpy()
+        self.views = [self._views(frame, spec, mat)
+                      for spec, mat in zip(stack.base_specs_, self.mats, strict=True)]
+
+    def _views(self, frame, spec: BaseSpec, mat: FeatureMatrix) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(X, y) pairs a base trains on: the target's, or every core's for a pooled base."""
+        if not spec.pooled:
+            return [(mat.X, self.target)]
+        return [(mat.X if core == self.stack.target else self.stack.matrix(frame, spec, core).X,
+                 frame[core].to_numpy()) for core in self.stack.schema_.core_columns]
+
+    def rows(self, j: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        views = self.views[j]
+        if len(views) == 1:
+            return views[0][0][rows], views[0][1][rows]
+        return np.vstack([X[rows] for X, _ in views]), np.concatenate([y[rows] for _, y in views])
+
+    def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round) -> FittedBase:
+        return fit_base(self.stack.base_specs_[j], params, *self.rows(j, rows),
+                        self.mats[j].names, on_round=on_round)
+
+    def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray:
+        return model.predict(self.mats[j].X[rows])
+
+    def best_rounds(self, j: int, params: dict[str, Any], train: np.ndarray, val: np.ndarray,
+                    on_round) -> int:
+        model = fit_lgbm(params, *self.rows(j, train), self.mats[j].names,
+                         eval_set=self.rows(j, val), on_round=on_round)
+        return max(int(model.best_iteration_ or params["n_estimators"]), 1)

@@ -60,7 +60,8 @@ def resolve_paths(source: PathLike | Iterable[PathLike]) -> list[Path]:
 
 
 def load_runs(source: PathLike | Iterable[PathLike]) -> pl.DataFrame:
-    """Load and check telemetry runs; one run per parquet file, named by the file's stem.
+    """Load and check telemetry runs: one run per parquet file, named by the file's stem,
+    or, in a file with a `run` column, one run per value of that column.
 
     Returns one frame with leading `run` and `host` columns (see `host_of`), in file
     order, each run sorted by timestamp. When the files come from more than one host a
@@ -73,9 +74,10 @@ def load_runs(source: PathLike | Iterable[PathLike]) -> pl.DataFrame:
     if len({f[HOST][0] for f in frames}) > 1:
         frames = [f.with_columns(pl.concat_str(HOST, pl.lit("/"), RUN_COLUMN).alias(RUN_COLUMN))
                   for f in frames]
-    names = [f[RUN_COLUMN][0] for f in frames]
+    names = [n for f in frames for n in f[RUN_COLUMN].unique(maintain_order=True).to_list()]
     if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})[0]
+        every = pl.Series(names)
+        dup = every.filter(every.is_duplicated()).sort()[0]
         raise DataError(f"two files share the run name {dup!r}: run names must be unique")
     counts = {f[RUN_COLUMN][0]: count_cores(f) for f in frames}
     if len(set(counts.values())) > 1:
@@ -165,8 +167,12 @@ def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
         pl.col(c).cast(pl.Float64, strict=False) if c in raw.columns else pl.lit(None, pl.Float64)
         for c in OPTIONAL_COLUMNS
     ]
+    run = (pl.col(RUN_COLUMN).cast(pl.String) if RUN_COLUMN in raw.columns
+           else pl.lit(Path(path).stem))
+    if RUN_COLUMN in raw.columns and raw[RUN_COLUMN].null_count():
+        raise DataError(f"{path}: column 'run' has {raw[RUN_COLUMN].null_count()} missing values")
     frame = raw.select(
-        pl.lit(Path(path).stem).alias(RUN_COLUMN),
+        run.alias(RUN_COLUMN),
         pl.col(TIMESTAMP).cast(pl.Float64),
         *[pl.col(c).cast(pl.Float64) for c in schema.utilisation_columns],
         *[e.alias(c) for e, c in zip(optional, OPTIONAL_COLUMNS, strict=True)],
@@ -176,17 +182,38 @@ def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
 
 
 def repair_order(frame: pl.DataFrame, path: Path | str) -> pl.DataFrame:
-    ts = frame[TIMESTAMP]
-    if not ts.is_sorted():
+    """Each run's rows in one block, in time order, one row per timestamp (with warnings).
+
+    Runs keep the order in which they first appear in the file."""
+    run_index = None
+    if frame[RUN_COLUMN].n_unique() > 1:
+        first_seen = frame[RUN_COLUMN].unique(maintain_order=True)
+        run_index = frame[RUN_COLUMN].replace_strict(
+            first_seen, pl.int_range(first_seen.len(), eager=True)).alias("_run_index")
+    if not _is_ordered(frame[TIMESTAMP], run_index):
         warnings.warn(f"{path}: timestamps were not sorted; sorted them", DataWarning, stacklevel=3)
-        frame = frame.sort(TIMESTAMP, maintain_order=True)
-    dups = frame.height - frame[TIMESTAMP].n_unique()
+        if run_index is None:
+            frame = frame.sort(TIMESTAMP, maintain_order=True)
+        else:
+            frame = (frame.with_columns(run_index).sort(["_run_index", TIMESTAMP],
+                                                        maintain_order=True).drop("_run_index"))
+    subset = [RUN_COLUMN, TIMESTAMP]
+    dups = frame.height - frame.select(subset).n_unique()
     if dups:
         warnings.warn(
             f"{path}: dropped {dups} rows with duplicated timestamps", DataWarning, stacklevel=3
         )
-        frame = frame.unique(subset=TIMESTAMP, keep="first", maintain_order=True)
+        frame = frame.unique(subset=subset, keep="first", maintain_order=True)
     return frame
+
+
+def _is_ordered(ts: pl.Series, run_index: pl.Series | None) -> bool:
+    """True when runs form blocks in first-seen order and time increases within each."""
+    if run_index is None:
+        return ts.is_sorted()
+    step = run_index.diff().fill_null(0).to_numpy()
+    rising = ts.diff().fill_null(0).to_numpy() >= 0
+    return bool(((step == 1) | ((step == 0) & rising)).all())
 
 
 __all__ = ["DataWarning", "OVERALL", "load_runs", "read_run", "resolve_paths", "schema_of"]

@@ -1,0 +1,203 @@
+"""Fitting a `TwinStack` on a Dask cluster, for data one machine should not train alone.
+
+The frame is cut into partitions of whole runs (a run never spans two partitions, so lags
+and windows never need another partition's rows); each worker builds its partitions'
+feature matrices and keeps them. The stack's honest fit (`TwinStack.fit_from`) runs
+unchanged on the client: the same fold plan by global row index, LightGBM bases trained
+with `lightgbm.dask` on the rows the plan names, out-of-fold predictions computed where
+the rows live, the same meta-model. The result is an ordinary stack whose boosters are
+plain LightGBM models, so its artifact serves and predicts like any other.
+
+Differences from one machine, on purpose: LightGBM's Dask interface cannot stop early
+(each worker would stop on its own validation rows: LightGBM issue #6197), so bases keep
+their set number of rounds (`--max-rounds` caps them); and data-parallel trees bin and
+split on histograms merged across workers, so the boosters are close to, not equal to,
+one machine's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from cputwin.errors import CputwinError, ModelError
+from cputwin.features.engine import runs_are_contiguous
+from cputwin.models.base import BaseModel, FittedBase, fit_base
+from cputwin.models.stack import Progress, TwinStack
+from cputwin.telemetry.schema import RUN_COLUMN
+
+ROWS_PER_PARTITION = 250_000
+
+
+@contextmanager
+def connect(address: str) -> Iterator[Any]:
+    """A Dask client: `local:N` starts a LocalCluster of N one-thread worker processes for
+    the duration; anything else is the address of a running scheduler."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise CputwinError("--dask needs Dask: pip install 'cputwin[dask]'") from None
+    quiet_lightgbm()
+    if address.startswith("local:"):
+        try:
+            n = int(address.removeprefix("local:"))
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise CputwinError(f"--dask local:N needs a worker count N >= 1, got {address!r}")
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                Client(cluster) as client:
+            # LightGBM's network set-up prints to the worker's stdout, which a local
+            # worker shares with us: send it to stderr, so `--json` stays one object.
+            client.run(_stdout_to_stderr)
+            yield client
+        return
+    try:
+        client = Client(address, timeout=10)
+    except OSError as exc:
+        raise CputwinError(f"cannot reach the Dask scheduler at {address!r} ({exc})") from None
+    with client:
+        yield client
+
+
+def quiet_lightgbm() -> None:
+    """lightgbm.dask reports through LightGBM's logger, which prints to stdout unless a
+    logger is registered: route it to Python logging (silent below warnings)."""
+    import lightgbm
+
+    lightgbm.register_logger(logging.getLogger("lightgbm"))
+
+
+def _stdout_to_stderr() -> None:
+    sys.stdout.flush()
+    os.dup2(2, 1)
+
+
+def partition_by_run(frame: pl.DataFrame, n_parts: int) -> list[pl.DataFrame]:
+    """Contiguous slices of whole runs with about equal row counts."""
+    runs = frame[RUN_COLUMN]
+    starts = np.flatnonzero((runs != runs.shift(1)).fill_null(True).to_numpy())
+    bounds = np.append(starts, frame.height)
+    want = np.linspace(0, frame.height, max(n_parts, 1) + 1)[1:-1]
+    cuts = sorted(set(bounds[np.searchsorted(bounds, want)].tolist()) - {0, frame.height})
+    edges = [0, *cuts, frame.height]
+    return [frame.slice(a, b - a) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def fit_on_dask(stack: TwinStack, frame: pl.DataFrame, client: Any,
+                progress: Progress | None = None, n_parts: int | None = None) -> TwinStack:
+    """Fit `stack` on `frame` with the work spread over the cluster behind `client`."""
+    stack.prepare(frame)
+    if not runs_are_contiguous(frame[RUN_COLUMN]):
+        raise ModelError("runs must each form one block of rows (as load_runs gives them)")
+    workers = max(len(client.scheduler_info()["workers"]), 1)
+    n_parts = n_parts or max(workers, -(-frame.height // ROWS_PER_PARTITION))
+    rows = DaskRows(stack, partition_by_run(frame, n_parts), client)
+    try:
+        return stack.fit_from(rows, progress)
+    finally:
+        rows.release()
+
+
+def _build_partition(stack: TwinStack, part: pl.DataFrame) -> dict[str, Any]:
+    """On a worker: every base's (X, y) views of one partition, and its row facts."""
+    from cputwin.models.stack import LocalRows
+
+    local = LocalRows(stack, part)
+    return {"views": local.views, "names": [m.names for m in local.mats],
+            "valid": local.valid, "position": local.position, "n_in_run": local.n_in_run,
+            "target": local.target, "workloads": local.workloads}
+
+
+def _facts(built: dict[str, Any]) -> dict[str, Any]:
+    return {k: built[k] for k in ("names", "valid", "position", "n_in_run", "target",
+                                  "workloads")}
+
+
+def _slice(built: dict[str, Any], j: int, rows: np.ndarray, part: str) -> np.ndarray:
+    """On a worker: base j's training X (part "X") or y of some local rows, all views."""
+    views = built["views"][j]
+    if part == "X":
+        return np.vstack([X[rows] for X, _ in views])
+    return np.concatenate([y[rows] for _, y in views])
+
+
+def _predict(built: dict[str, Any], j: int, rows: np.ndarray, model: dict[str, Any]) -> np.ndarray:
+    """On a worker: a fitted base's predictions for some local rows (target view)."""
+    from cputwin.models.base import base_from_dict
+
+    return base_from_dict(model).predict(built["views"][j][0][0][rows])
+
+
+class DaskRows:
+    """Training rows partitioned over a Dask cluster (see `TrainingRows`)."""
+
+    can_stop_early = False
+
+    def __init__(self, stack: TwinStack, parts: list[pl.DataFrame], client: Any) -> None:
+        self.stack, self.client = stack, client
+        self.built = [client.submit(_build_partition, stack, client.scatter(part), pure=False)
+                      for part in parts]
+        facts = client.gather([client.submit(_facts, b) for b in self.built])
+        self.names = facts[0]["names"]
+        self.sizes = np.array([f["valid"].size for f in facts])
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        for key in ("valid", "position", "n_in_run", "target", "workloads"):
+            setattr(self, key, np.concatenate([f[key] for f in facts]))
+
+    def _local(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Global row indices (ascending) as (partition, local indices) pairs, in order."""
+        rows = np.asarray(rows)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        return [(p, rows[which == p] - self.offsets[p]) for p in np.unique(which)]
+
+    def _dask_xy(self, j: int, rows: np.ndarray):
+        import dask.array as da
+        from dask import delayed
+
+        n_views = len(self.stack.schema_.core_columns) if self.stack.base_specs_[j].pooled else 1
+        width = len(self.names[j])
+        xs, ys = [], []
+        for p, local in self._local(rows):
+            x = self.client.submit(_slice, self.built[p], j, local, "X")
+            y = self.client.submit(_slice, self.built[p], j, local, "y")
+            n = local.size * n_views
+            xs.append(da.from_delayed(delayed(x), shape=(n, width), dtype=self._dtype()))
+            ys.append(da.from_delayed(delayed(y), shape=(n,), dtype=float))
+        return da.concatenate(xs), da.concatenate(ys)
+
+    def _dtype(self):
+        return np.float32 if self.stack.feature_dtype == "float32" else np.float64
+
+    def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round) -> FittedBase:
+        spec = self.stack.base_specs_[j]
+        if spec.learner != "lgbm":  # a ridge line: small enough to solve here
+            X, y = self._dask_xy(j, rows)
+            return fit_base(spec, params, X.compute(), y.compute(), self.names[j])
+        from lightgbm import DaskLGBMRegressor
+
+        X, y = self._dask_xy(j, rows)
+        model = DaskLGBMRegressor(client=self.client, **{**params, "n_jobs": 1})
+        model.fit(X, y, feature_name=self.names[j])
+        return BaseModel(spec.name, self.names[j], model.booster_)
+
+    def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray:
+        shipped = model.to_dict()
+        parts = [self.client.submit(_predict, self.built[p], j, local, shipped)
+                 for p, local in self._local(rows)]
+        return np.concatenate(self.client.gather(parts))
+
+    def best_rounds(self, j, params, train, val, on_round) -> int:  # pragma: no cover
+        raise ModelError("early stopping is not available on Dask")
+
+    def release(self) -> None:
+        self.client.cancel(self.built)
+
