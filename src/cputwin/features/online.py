@@ -29,10 +29,10 @@ class OnlineFeatures:
         self.count = 0
         self.target_index = compiled.cores.index(compiled.target)
         self.n_cores = len(compiled.cores)
-        self.derived = set(compiled.derived)
-        raw_columns = [*compiled.cores, OVERALL]
-        self.raw_pos = {c: i for i, c in enumerate(raw_columns)}
-        self.raw_index = np.array([self.raw_pos.get(s, -1) for s in sources], dtype=int)
+        self.derived = list(compiled.derived)
+        # a sample's values as [cores..., overall, derived...]; sources index into that
+        columns = [*compiled.cores, OVERALL, *self.derived]
+        self.source_index = np.array([columns.index(s) for s in sources], dtype=int)
         ops = compiled.ops
         n = len(ops)
         self.n_features = n
@@ -46,7 +46,7 @@ class OnlineFeatures:
         for w in sorted({op.param for op in ops if op.kind in ("mean", "std")}):
             members = [i for i, op in enumerate(ops) if op.kind in ("mean", "std") and op.param == w]
             self.windows.append((
-                w,
+                np.arange(w),
                 np.array(members, dtype=int),
                 np.array([index[ops[i].source] for i in members], dtype=int),
                 np.array([ops[i].kind == "std" for i in members]),
@@ -57,32 +57,44 @@ class OnlineFeatures:
     def reset(self) -> None:
         self.count = 0
 
-    def _row(self, cores: np.ndarray, overall: float) -> np.ndarray:
+    def _row(self, cores: np.ndarray, overall: float,
+             derived: dict[str, np.ndarray] | None) -> np.ndarray:
         """The source columns' values for one sample, in `sources` order."""
-        raw = np.append(cores, overall)
         if not self.derived:
-            return raw[self.raw_index]
-        others = np.delete(cores, self.target_index)[None, :]
-        derived = derive(np.array([overall]), others, self.n_cores)
-        return np.array([derived[s][0] if s in derived else raw[self.raw_pos[s]]
-                         for s in self.sources])
+            return np.append(cores, overall)[self.source_index]
+        if derived is None:
+            derived = derive_sample(cores, overall, self.target_index, self.n_cores)
+        values = np.concatenate((cores, (overall,), [derived[s][0] for s in self.derived]))
+        return values[self.source_index]
 
-    def update(self, cores: np.ndarray, overall: float, workload: str,
-               host: str = "") -> np.ndarray | None:
-        """Push one sample; return its feature vector, or None while history is short."""
+    def update(self, cores: np.ndarray, overall: float, workload: str, host: str = "",
+               derived: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
+        """Push one sample; return its feature vector, or None while history is short.
+
+        derived: `derive_sample` of this sample, when the caller feeds several specs of
+        one target (a stack's bases) and computes it once for all of them."""
         head = self.count % self.length
-        self.ring[head] = self._row(cores, overall)
+        self.ring[head] = self._row(cores, overall, derived)
         self.count += 1
         if self.count <= self.history:
             return None
         x = np.empty(self.n_features)
         x[self.cell_out] = self.ring[(head - self.cell_lag) % self.length, self.cell_src]
-        for w, out, src, is_std in self.windows:
-            block = self.ring[(head - np.arange(w)) % self.length][:, src]
-            mean = block.mean(axis=0)
-            x[out] = np.round(np.where(is_std, block.std(axis=0, ddof=1), mean), WINDOW_DECIMALS)
+        for back, out, src, is_std in self.windows:
+            # mean and sample std by the same NumPy reductions np.mean / np.std use
+            block = self.ring[(head - back) % self.length][:, src]
+            mean = np.add.reduce(block, axis=0) / back.size
+            dev = block - mean
+            std = np.sqrt(np.add.reduce(dev * dev, axis=0) / (back.size - 1))
+            x[out] = np.round(np.where(is_std, std, mean), WINDOW_DECIMALS)
         for i, category in self.onehot:
             x[i] = 1.0 if workload == category else 0.0
         for i, category in self.host_onehot:
             x[i] = 1.0 if host == category else 0.0
         return x
+
+
+def derive_sample(cores: np.ndarray, overall: float, target_index: int,
+                  n_cores: int) -> dict[str, np.ndarray]:
+    """`derive` of one sample (the batch path's function, on a one-row batch)."""
+    return derive(np.array([overall]), np.delete(cores, target_index)[None, :], n_cores)

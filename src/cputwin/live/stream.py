@@ -14,7 +14,7 @@ import polars as pl
 
 from cputwin.errors import DataError
 from cputwin.features.engine import compile_spec
-from cputwin.features.online import OnlineFeatures
+from cputwin.features.online import OnlineFeatures, derive_sample
 from cputwin.live.detector import Detector
 from cputwin.models import TwinStack
 from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, WORKLOAD, Schema
@@ -63,6 +63,7 @@ class TwinStream:
         self.twin = twin
         self.host = host
         self.features = [OnlineFeatures(c) for c in twin.compiled]
+        self.needs_derived = any(f.derived for f in self.features)  # computed once per tick
         self.target_index = twin.schema.core_columns.index(twin.stack.target)
         self.meta = twin.stack.meta_
         self.watch = twin.detector.stream() if twin.detector is not None else None
@@ -70,7 +71,9 @@ class TwinStream:
     def update(self, cores: np.ndarray, overall: float, workload: str) -> Tick:
         """Push one sample: all cores' utilisation (the target's is not read), the overall
         utilisation and the workload label."""
-        vectors = [f.update(cores, overall, workload, self.host) for f in self.features]
+        derived = (derive_sample(cores, overall, self.target_index, len(cores))
+                   if self.needs_derived else None)
+        vectors = [f.update(cores, overall, workload, self.host, derived) for f in self.features]
         if any(v is None for v in vectors):
             return Tick(None, None)
         preds = np.array([base.predict_one(x)
