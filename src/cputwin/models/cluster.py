@@ -30,7 +30,7 @@ import polars as pl
 from cputwin.errors import CputwinError, ModelError
 from cputwin.features.engine import runs_are_contiguous
 from cputwin.models.base import BaseModel, FittedBase, fit_base
-from cputwin.models.stack import Progress, TwinStack
+from cputwin.models.stack import FEATURE_DTYPES, Progress, TwinStack
 from cputwin.telemetry.schema import RUN_COLUMN
 
 ROWS_PER_PARTITION = 250_000
@@ -170,12 +170,10 @@ class DaskRows:
             x = self.client.submit(_slice, self.built[p], j, local, "X")
             y = self.client.submit(_slice, self.built[p], j, local, "y")
             n = local.size * n_views
-            xs.append(da.from_delayed(delayed(x), shape=(n, width), dtype=self._dtype()))
+            xs.append(da.from_delayed(delayed(x), shape=(n, width),
+                                      dtype=FEATURE_DTYPES[self.stack.feature_dtype]))
             ys.append(da.from_delayed(delayed(y), shape=(n,), dtype=float))
         return da.concatenate(xs), da.concatenate(ys)
-
-    def _dtype(self):
-        return np.float32 if self.stack.feature_dtype == "float32" else np.float64
 
     def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round) -> FittedBase:
         spec = self.stack.base_specs_[j]
@@ -185,7 +183,9 @@ class DaskRows:
         from lightgbm import DaskLGBMRegressor
 
         X, y = self._dask_xy(j, rows)
-        model = DaskLGBMRegressor(client=self.client, **{**params, "n_jobs": 1})
+        # without n_jobs, lightgbm.dask gives each worker as many threads as the worker has
+        model = DaskLGBMRegressor(client=self.client,
+                                  **{k: v for k, v in params.items() if k != "n_jobs"})
         model.fit(X, y, feature_name=self.names[j])
         return BaseModel(spec.name, self.names[j], model.booster_)
 
