@@ -199,3 +199,26 @@ def test_a_file_with_a_run_column_holds_many_runs(tmp_path):
     write_run(a.with_columns(pl.lit("b-run").alias("run")), tmp_path / "two", "again")
     with pytest.raises(DataError, match="'b-run'"):
         load_runs(tmp_path / "two")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_shuffle_of_many_runs_in_one_file_loads_as_each_run_sorted(tmp_path, data):
+    n_runs = data.draw(st.integers(1, 5))
+    frame = pl.concat([synthetic_run(n=data.draw(st.integers(1, 30)), cores=2, seed=i)
+                       .with_columns(pl.lit(f"r{i}").alias("run")) for i in range(n_runs)])
+    # timestamps drawn per row (duplicates within a run possible), rows in any order
+    ts = data.draw(st.lists(st.integers(0, 40), min_size=frame.height, max_size=frame.height))
+    order = data.draw(st.permutations(list(range(frame.height))))
+    shuffled = frame.with_columns(pl.Series("timestamp", [float(t) for t in ts]))[order]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        out = load_runs(write_run(shuffled, tmp_path / f"p{len(order)}", "many"))
+    first_seen = shuffled["run"].unique(maintain_order=True).to_list()
+    assert out["run"].unique(maintain_order=True).to_list() == first_seen
+    expected = shuffled.unique(subset=["run", "timestamp"], keep="first", maintain_order=True)
+    assert out.height == expected.height
+    for name, run in out.group_by("run", maintain_order=True):
+        assert run["timestamp"].is_sorted() and run["timestamp"].n_unique() == run.height
+        want = expected.filter(pl.col("run") == name[0]).sort("timestamp", maintain_order=True)
+        assert run["cpu_util_core_1"].to_list() == want["cpu_util_core_1"].to_list()
