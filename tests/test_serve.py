@@ -5,8 +5,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
+import numpy as np
+import polars as pl
 import pytest
 import uvicorn
 
@@ -20,13 +23,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(sample_data, tmp_path_factory):
-    twin = tmp_path_factory.mktemp("serve") / "t.cputwin"
-    train(sample_data, twin, bases="seed", mode="independent")
+@contextmanager
+def serving(twin, **limits):
+    """A real uvicorn server for `twin` on a free loopback port, and a client to it."""
     port = _free_port()
-    config = uvicorn.Config(create_app(twin, max_streams=3, stream_ttl_s=60, max_body_bytes=50_000),
-                            host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(create_app(twin, **limits), host="127.0.0.1", port=port,
+                            log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -37,6 +39,14 @@ def server(sample_data, tmp_path_factory):
         yield client
     srv.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(sample_data, tmp_path_factory):
+    twin = tmp_path_factory.mktemp("serve") / "t.cputwin"
+    train(sample_data, twin, bases="seed", mode="independent")
+    with serving(twin, max_streams=3, stream_ttl_s=60, max_body_bytes=50_000) as client:
+        yield client
 
 
 def _sample(t, core0=10.0, core1=20.0, overall=15.0, workload="idle"):
@@ -106,3 +116,35 @@ def test_stream_cap_is_429_and_metrics_count(server):
     assert "cputwin_requests_total" in text and "cputwin_request_seconds_bucket" in text
     assert "cputwin_streams 3" in text
     assert 'status="429"' in text
+
+
+def test_a_stream_carries_its_host_to_a_host_category_twin(tmp_path):
+    from cputwin import load_runs
+    from cputwin.live.stream import replay
+    from cputwin.pipeline import open_twin
+    from helpers import synthetic_run, write_run
+
+    for h, host in enumerate(("alpha", "beta")):
+        for i in range(2):
+            run = synthetic_run(n=250, cores=2, seed=10 * h + i, t0=1e9 + 1e4 * i)
+            if host == "beta":  # beta's core 0 runs 30 points hotter: only the host says so
+                run = run.with_columns(pl.col("cpu_util_core_0").mul(0.5).add(30))
+            write_run(run, tmp_path / "fleet" / host, f"r{i}")
+    files = sorted((tmp_path / "fleet").glob("*/*.parquet"))
+    twin = tmp_path / "fleet.cputwin"
+    train(files, twin, bases=["physics_linear", "gbm_l2"], host_category=True, max_rounds=40)
+    run = load_runs(files[0]).head(60)  # alpha's first run
+    samples = [dict(zip(["timestamp", "cpu_util_overall", "cpu_util_core_0", "cpu_util_core_1",
+                         "workload_type"], row, strict=True)) | {"host": "alpha"}
+               for row in run.select("timestamp", "cpu_util_overall", "cpu_util_core_0",
+                                     "cpu_util_core_1", "workload_type").rows()]
+    stack, _, _ = open_twin(twin)
+    expected = replay(stack, run)
+    as_beta = [sample | {"host": "beta"} for sample in samples]
+    with serving(twin) as client:
+        got = client.post("/v1/streams/a/samples", json={"samples": samples}).json()["results"]
+        other = client.post("/v1/streams/b/samples", json={"samples": as_beta}).json()["results"]
+    served = np.array([np.nan if r["prediction"] is None else r["prediction"] for r in got])
+    np.testing.assert_allclose(served, expected, atol=1e-6)  # NaN where history is short
+    beta = np.array([np.nan if r["prediction"] is None else r["prediction"] for r in other])
+    assert np.nanmean(beta - served) > 2  # the same samples as host beta: the twin expects more
