@@ -61,6 +61,13 @@ def _bases(value: str) -> str | list[str]:
     return value if value in PRESETS else [b.strip() for b in value.split(",") if b.strip()]
 
 
+def _stack_options(bases: str, mode: str, meta: str | None, host_category: bool,
+                   max_rounds: int | None, float32: bool) -> dict:
+    """The options `pipeline.make_stack` takes, from the flags evaluate and train share."""
+    return {"bases": _bases(bases), "mode": mode, "meta": meta, "host_category": host_category,
+            "max_rounds": max_rounds, "float32": float32}
+
+
 @contextmanager
 def cli_errors() -> Iterator[None]:
     """One line per warning; one line and an exit code per cputwin error."""
@@ -172,9 +179,8 @@ def evaluate(
         from cputwin import pipeline
 
         summary, _ = pipeline.evaluate(
-            data, protocol, target, train_fraction, report, progress,
-            bases=_bases(bases), mode=mode, meta=meta, test_data=test or None,
-            host_category=host_category, max_rounds=max_rounds, float32=float32, dask=dask)
+            data, protocol, target, train_fraction, report, progress, test_data=test or None,
+            dask=dask, **_stack_options(bases, mode, meta, host_category, max_rounds, float32))
     if as_json:
         _json(summary)
         return
@@ -226,9 +232,9 @@ def train(
     with cli_errors(), spinner() as progress:
         from cputwin import pipeline
 
-        result = pipeline.train(data, output, target, progress, bases=_bases(bases), mode=mode,
-                                meta=meta, per_host=per_host, host_category=host_category,
-                                max_rounds=max_rounds, float32=float32, dask=dask)
+        result = pipeline.train(
+            data, output, target, progress, per_host=per_host, dask=dask,
+            **_stack_options(bases, mode, meta, host_category, max_rounds, float32))
     if as_json:
         _json(result)
         return
