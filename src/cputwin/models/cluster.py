@@ -117,9 +117,11 @@ def _build_partition(stack: TwinStack, part: pl.DataFrame) -> dict[str, Any]:
             "target": local.target, "workloads": local.workloads}
 
 
+ROW_FACTS = ("valid", "position", "n_in_run", "target", "workloads")  # one entry per row
+
+
 def _facts(built: dict[str, Any]) -> dict[str, Any]:
-    return {k: built[k] for k in ("names", "valid", "position", "n_in_run", "target",
-                                  "workloads")}
+    return {k: built[k] for k in ("names", *ROW_FACTS)}
 
 
 def _slice(built: dict[str, Any], j: int, rows: np.ndarray, part: str) -> np.ndarray:
@@ -148,9 +150,8 @@ class DaskRows:
                       for part in parts]
         facts = client.gather([client.submit(_facts, b) for b in self.built])
         self.names = facts[0]["names"]
-        self.sizes = np.array([f["valid"].size for f in facts])
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        for key in ("valid", "position", "n_in_run", "target", "workloads"):
+        self.offsets = np.cumsum([0, *(f["valid"].size for f in facts)])
+        for key in ROW_FACTS:
             setattr(self, key, np.concatenate([f[key] for f in facts]))
 
     def _local(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
