@@ -39,8 +39,11 @@ class OnlineFeatures:
         # "now" and "lag" read one cell each: gather them in one indexing operation
         cell = [i for i, op in enumerate(ops) if op.kind in ("now", "lag")]
         self.cell_out = np.array(cell, dtype=int)
-        self.cell_src = np.array([index[ops[i].source] for i in cell], dtype=int)
-        self.cell_lag = np.array([ops[i].param for i in cell], dtype=int)
+        cell_src = np.array([index[ops[i].source] for i in cell], dtype=int)
+        cell_lag = np.array([ops[i].param for i in cell], dtype=int)
+        # where each cell sits in the flattened ring, for each position of the ring's head
+        self.cell_flat = [((head - cell_lag) % self.length) * len(sources) + cell_src
+                          for head in range(self.length)]
         # windows: grouped by length, so each length slices the ring once
         self.windows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         for w in sorted({op.param for op in ops if op.kind in ("mean", "std")}):
@@ -53,6 +56,7 @@ class OnlineFeatures:
             ))
         self.onehot = [(i, op.source) for i, op in enumerate(ops) if op.kind == "onehot"]
         self.host_onehot = [(i, op.source) for i, op in enumerate(ops) if op.kind == "host"]
+        self._values = np.zeros(self.n_cores + 1)  # [cores..., overall] of the latest sample
 
     def reset(self) -> None:
         self.count = 0
@@ -61,7 +65,9 @@ class OnlineFeatures:
              derived: dict[str, np.ndarray] | None) -> np.ndarray:
         """The source columns' values for one sample, in `sources` order."""
         if not self.derived:
-            return np.append(cores, overall)[self.source_index]
+            self._values[:-1] = cores
+            self._values[-1] = overall
+            return self._values.take(self.source_index)
         if derived is None:
             derived = derive_sample(cores, overall, self.target_index, self.n_cores)
         values = np.concatenate((cores, (overall,), [derived[s][0] for s in self.derived]))
@@ -79,7 +85,7 @@ class OnlineFeatures:
         if self.count <= self.history:
             return None
         x = np.empty(self.n_features)
-        x[self.cell_out] = self.ring[(head - self.cell_lag) % self.length, self.cell_src]
+        x[self.cell_out] = self.ring.ravel().take(self.cell_flat[head])
         for back, out, src, is_std in self.windows:
             # mean and sample std by the same NumPy reductions np.mean / np.std use
             block = self.ring[(head - back) % self.length][:, src]

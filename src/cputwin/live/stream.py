@@ -34,10 +34,15 @@ class Tick:
 
 
 class OnlineTwin:
-    """A fitted stack, ready to open streams."""
+    """A fitted stack, ready to open streams.
+
+    compiled_trees: walk LightGBM bases with the compiled kernel (`models/forest.py`), or
+    with LightGBM's own single-row path; it sets up the stack's bases, so it holds for
+    every OnlineTwin of that stack.
+    """
 
     def __init__(self, stack: TwinStack, n_cores: int | None = None,
-                 detector: Detector | None = None) -> None:
+                 detector: Detector | None = None, compiled_trees: bool = True) -> None:
         stack._check_fitted()
         self.stack = stack
         self.detector = detector
@@ -50,6 +55,8 @@ class OnlineTwin:
                                       stack.hosts_)
                          for spec in stack.base_specs_]
         self.names = [b.name for b in stack.base_specs_]
+        for base in stack.bases_:
+            base.prepare_online(compiled_trees)
 
     def stream(self, host: str = "") -> TwinStream:
         """A new run's state; `host` matters to a twin fitted with host categories."""
@@ -78,7 +85,7 @@ class TwinStream:
             return Tick(None, None)
         preds = np.array([base.predict_one(x)
                           for base, x in zip(self.twin.stack.bases_, vectors, strict=True)])
-        value = float(self.meta.predict(preds[None, :], np.array([workload]))[0])
+        value = self.meta.predict_one(preds, workload)
         tick = Tick(value, dict(zip(self.twin.names, preds.tolist(), strict=True)))
         if self.watch is not None:
             tick.residual = float(cores[self.target_index]) - value

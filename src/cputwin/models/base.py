@@ -18,6 +18,7 @@ from sklearn.linear_model import RidgeCV
 
 from cputwin.errors import ModelError
 from cputwin.features.spec import FeatureSpec, get_spec
+from cputwin.models.forest import CompiledForest
 
 # Early stopping always names its metric: in LightGBM 4.7 'r2' is a real metric that
 # is maximised by stopping at iteration 1, which silently ruins the seed's V2.3 call.
@@ -156,6 +157,8 @@ class FittedBase(Protocol):
 
     def predict_one(self, x: np.ndarray) -> float: ...
 
+    def prepare_online(self, compiled_trees: bool = True) -> None: ...
+
     def to_dict(self) -> dict[str, Any]: ...
 
 
@@ -205,14 +208,33 @@ class BaseModel:
     feature_names: list[str]
     booster: lgb.Booster
     _single: SingleRowPredictor | None = field(default=None, repr=False, compare=False)
+    _forest: CompiledForest | None = field(default=None, repr=False, compare=False)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.booster.predict(X, num_threads=1)
 
-    def predict_one(self, x: np.ndarray) -> float:
-        """One row, through the fast single-row path (for live streams)."""
+    def prepare_online(self, compiled_trees: bool = True) -> None:
+        """Set up the single-row paths and compile (or load) the tree kernel, so that a
+        stream's first tick costs what the others do. compiled_trees=False: LightGBM walks
+        every row (to compare the two)."""
         if self._single is None:
             self._single = SingleRowPredictor(self.booster)
+        if compiled_trees and self._forest is None:
+            self._forest = CompiledForest.from_booster(self.booster)
+            if self._forest is not None:
+                self._forest(np.zeros(self._single.n_features))
+        elif not compiled_trees:
+            self._forest = None
+
+    def predict_one(self, x: np.ndarray) -> float:
+        """One float64 row (live streams): the compiled trees, or LightGBM's single-row path
+        for what they leave to it (see `forest.py`)."""
+        if self._single is None:
+            self.prepare_online()
+        if self._forest is not None:
+            value = self._forest(x)
+            if value == value:
+                return value
         return self._single(x)
 
     def to_dict(self) -> dict[str, Any]:
@@ -235,6 +257,9 @@ class LinearModel:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.intercept + X @ self.coef
+
+    def prepare_online(self, compiled_trees: bool = True) -> None:
+        pass
 
     def predict_one(self, x: np.ndarray) -> float:
         return float(self.intercept + x @ self.coef)

@@ -48,6 +48,11 @@ class LinearMeta:
                     out[rows] = self.intercepts[group] + P[rows] @ w
         return out
 
+    def predict_one(self, p: np.ndarray, workload: str) -> float:
+        """One row of base predictions (a live tick): `predict` without the batch set-up."""
+        group = workload if workload in self.weights else GLOBAL
+        return float(self.intercepts[group] + p @ self.weights[group])
+
     @property
     def global_weights(self) -> dict[str, float]:
         return dict(zip(self.names, map(float, self.weights[GLOBAL]), strict=True))
