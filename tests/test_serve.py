@@ -59,6 +59,9 @@ def test_health_and_openapi(server):
     assert health["status"] == "ok" and health["mode"] == "independent" and health["cores"] == 2
     spec = server.get("/openapi.json").json()
     assert "/v1/predict" in spec["paths"] and "/v1/streams/{stream_id}/samples" in spec["paths"]
+    stream = spec["paths"]["/v1/streams/{stream_id}/samples"]["post"]
+    body = stream["requestBody"]["content"]["application/json"]["schema"]
+    assert "samples" in body["properties"] and "200" in stream["responses"]
 
 
 def test_batch_predict(server):
