@@ -1,18 +1,20 @@
 """End to end: can the twin catch a hidden process on its core?
 
-    python bench/anomaly.py [--seconds 30] [--injections 3] [--target-core 0] [--json]
+    python bench/anomaly.py [--seconds 30] [--injections 2] [--train-seconds S]
+                            [--normal-seconds S] [--target-core 0] [--keep DIR] [--json]
 
 1. Records one normal run per built-in workload with the collector (training data), and
    a second set (held-out normal runs, for false alarms).
 2. Trains an independent-mode twin and a sensor-mode twin on the first set; each calibrates
    its detector on out-of-fold residuals (1 false alarm per hour).
 3. Records one more run per workload while, at random moments unknown to the detector, a
-   busy-loop process pinned to the target core (os.sched_setaffinity) runs for 2–10 s.
+   busy-loop process pinned to the target core (os.sched_setaffinity) runs for 2–10 s;
+   injections are at least GAP_S apart and end inside their run, so each is its own event.
 4. Replays every held-out and injected run through each twin's stream, tick by tick.
 
 Reports, per mode: recall over the injected intervals (an alarm raised between the start
 and 2 s after the end), median and p95 detection delay, and false alarms per hour on
-the held-out normal runs. Takes about 3 × 6 × `--seconds` of recording.
+the held-out normal runs. Takes 6 × (train + normal + injected seconds) of recording.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ from cputwin.telemetry.ingest import load_runs
 from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, TIMESTAMP, WORKLOAD
 from cputwin.telemetry.workloads import WORKLOADS
 
-GRACE_S = 2.0
+GRACE_S = 2.0  # an alarm up to this long after an injection ends still counts for it
+WARMUP_S = 3.0  # the collector's start and the features' history
+GAP_S = 5.0  # normal operation between injections: the alarm clears, the lags refill
+END_S = 1.5
 
 
 def busy(core: int, seconds: float) -> None:
@@ -51,15 +56,32 @@ def busy(core: int, seconds: float) -> None:
         x = (x * 31 + 7) % 1_000_003
 
 
-def injector(stop: threading.Event, count: int, seconds: float, core: int,
-             rng: random.Random, intervals: list[tuple[float, float]]) -> None:
-    """Start `count` pinned busy loops at random moments of a run; log their wall times."""
-    slots = sorted(rng.uniform(2.0, seconds - 12.0) for _ in range(count))
+def schedule(count: int, seconds: float, rng: random.Random) -> list[tuple[float, float]]:
+    """`count` (start, length) pairs inside a run of `seconds`: lengths of 2–10 s, apart by
+    at least GAP_S of normal operation (so each is its own anomaly, not the tail of the last
+    one), the first after WARMUP_S, the last over END_S before the run stops."""
+    need = WARMUP_S + END_S + 10.0 * count + GAP_S * (count - 1)
+    if seconds < need:
+        raise ValueError(f"{count} injections of up to 10 s need runs of {need:.1f} s or more; "
+                         "raise --seconds or lower --injections")
+    lengths = [rng.uniform(2.0, 10.0) for _ in range(count)]
+    slack = seconds - WARMUP_S - END_S - sum(lengths) - GAP_S * (count - 1)
+    cuts = sorted(rng.uniform(0, slack) for _ in range(count))
+    out, at = [], WARMUP_S
+    for cut, before, length in zip(cuts, [0.0, *cuts[:-1]], lengths, strict=True):
+        at += cut - before
+        out.append((at, length))
+        at += length + GAP_S
+    return out
+
+
+def injector(stop: threading.Event, plan: list[tuple[float, float]], core: int,
+             intervals: list[tuple[float, float]]) -> None:
+    """Run the pinned busy loops of `plan` (offsets from now); log their wall times."""
     t0 = time.time()
-    for start in slots:
+    for start, length in plan:
         if stop.wait(max(0.0, t0 + start - time.time())):
             return
-        length = rng.uniform(2.0, 10.0)
         proc = mp.get_context("fork").Process(target=busy, args=(core, length))
         begin = time.time()
         proc.start()
@@ -75,8 +97,9 @@ def record_set(folder: Path, seconds: float, inject: int = 0, core: int = 0,
     for name in WORKLOADS:
         stop = threading.Event()
         if inject:
-            args = (stop, inject, seconds, core, rng, intervals)
-            threading.Thread(target=injector, args=args, daemon=True).start()
+            plan = schedule(inject, seconds, rng)
+            threading.Thread(target=injector, args=(stop, plan, core, intervals),
+                             daemon=True).start()
         collector.record(name, seconds, folder)
         stop.set()
     return intervals
@@ -111,8 +134,10 @@ def score(raises: list[float], intervals: list[tuple[float, float]]) -> dict[str
     }
 
 
-def run(seconds: float, injections: int, core: int, seed: int, keep: Path | None = None) -> dict:
+def run(seconds: float, injections: int, core: int, seed: int, keep: Path | None = None,
+        train_seconds: float | None = None, normal_seconds: float | None = None) -> dict:
     rng = random.Random(seed)
+    schedule(injections, seconds, random.Random(seed))  # a plan that cannot fit fails now
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = keep or Path(tmp)
@@ -120,8 +145,8 @@ def run(seconds: float, injections: int, core: int, seed: int, keep: Path | None
         if (root / "intervals.json").exists():  # a kept recording: score it again
             intervals = [tuple(i) for i in json.loads((root / "intervals.json").read_text())]
         else:
-            record_set(train_dir, seconds)
-            record_set(normal_dir, seconds)
+            record_set(train_dir, train_seconds or seconds)
+            record_set(normal_dir, normal_seconds or seconds)
             intervals = record_set(inject_dir, seconds, injections, core, rng)
             (root / "intervals.json").write_text(json.dumps(intervals))
         train, normal, injected = (load_runs(d) for d in (train_dir, normal_dir, inject_dir))
@@ -143,14 +168,21 @@ def run(seconds: float, injections: int, core: int, seed: int, keep: Path | None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--seconds", type=float, default=30.0, help="per injected run")
+    parser.add_argument("--train-seconds", type=float, help="per training run (default: --seconds)")
+    parser.add_argument("--normal-seconds", type=float,
+                        help="per held-out normal run (default: --seconds)")
     parser.add_argument("--injections", type=int, default=2, help="per injected run")
     parser.add_argument("--target-core", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep the recordings here (and reuse them)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    r = run(args.seconds, args.injections, args.target_core, args.seed, args.keep)
+    try:
+        r = run(args.seconds, args.injections, args.target_core, args.seed, args.keep,
+                args.train_seconds, args.normal_seconds)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.json:
         sys.stdout.write(json.dumps(r, indent=2) + "\n")
         return

@@ -35,6 +35,25 @@ def test_threshold_meets_the_stated_false_alarm_rate():
     assert count_raises(scores, starts, det.threshold, det.raise_ticks, det.clear_ticks) <= 1
 
 
+def test_a_short_calibration_extrapolates_the_tail_to_the_stated_rate():
+    # Six minutes cannot show a once-an-hour level: the threshold that raises nothing in
+    # them is their maximum, which ten hours of the same process exceed again and again.
+    rng = np.random.default_rng(1)
+    short = rng.laplace(0, 2, 3600)
+    det = Detector(false_alarms_per_hour=1.0).fit(short, np.array(["w"] * short.size),
+                                                   np.repeat(np.arange(6), 600), rate_hz=10)
+    assert det.threshold > det.calibration["observed_threshold"]
+    long = rng.laplace(0, 2, 360_000)  # ten hours at 10 Hz
+    segments = np.repeat(np.arange(100), 3600)
+    starts = np.r_[True, segments[1:] != segments[:-1]]
+    scores = np.concatenate([det._scores(long[segments == s], np.array(["w"] * 3600))
+                             for s in range(100)])
+    per_hour = count_raises(scores, starts, det.threshold, det.raise_ticks, det.clear_ticks) / 10
+    observed_only = count_raises(scores, starts, det.calibration["observed_threshold"],
+                                 det.raise_ticks, det.clear_ticks) / 10
+    assert per_hour <= 3.0 and per_hour < observed_only
+
+
 def test_round_trip_through_a_dict():
     det = Detector().fit(np.arange(500.0) % 7, np.array(["a"] * 500), np.zeros(500), 10)
     assert Detector.from_dict(det.to_dict()) == det

@@ -3,13 +3,17 @@
 Calibrated at training time from out-of-fold residuals (rows the base models never saw),
 per workload where a workload has enough of them:
 
-    z      = (residual − centre[w]) / scale[w]        robust centre and scale (median, MAD)
+    z      = (residual − centre[w]) / scale[w]        robust centre and scale (median, MAD;
+                                                      the scale floored at a reading's rounding)
     score  = EWMA of z with weight `alpha`            smooths 100 ms noise
     alarm  raised after `raise_ticks` ticks with score > `threshold`,
            cleared after `clear_ticks` ticks with score < `threshold` / 2 (hysteresis)
 
-`threshold` is the lowest value at which replaying the out-of-fold residuals through the
-same alarm logic raises no more than `false_alarms_per_hour` alarms. The score is one-sided
+`threshold` is the higher of two: the lowest value at which replaying the out-of-fold
+residuals through the same alarm logic raises no more than `false_alarms_per_hour` alarms,
+and the level an exponential tail fitted to the peaks of those scores puts at that rate
+(minutes of calibration cannot show a once-an-hour level; see `tail_threshold`). The
+score is one-sided
 by default (the core busier than the twin expects: a hidden process, a noisy neighbour);
 `two_sided` also catches a core quieter than expected (a stuck scheduler).
 """
@@ -24,6 +28,15 @@ import numpy as np
 GLOBAL = "*"
 MIN_ROWS_PER_WORKLOAD = 200
 MAD_TO_SIGMA = 1.4826
+USER_HZ = 100  # Linux counts CPU time in 1/100 s: a 100 ms sample of one core is in 10 % steps
+
+
+def resolution_floor(rate_hz: float) -> float:
+    """The smallest residual scale worth trusting: the rounding noise of a per-core reading
+    (one clock tick of the sample, uniform: step / sqrt(12)), and never under 1 point.
+    Without it a workload whose core sat still in training (scale near 0) turns one tick
+    of jitter into a large z."""
+    return max(1.0, 100.0 * rate_hz / USER_HZ / np.sqrt(12))
 
 
 @dataclass
@@ -42,28 +55,35 @@ class Detector:
             rate_hz: float) -> Detector:
         """Calibrate from residuals in time order; `segments` labels unbroken stretches."""
         self.centre, self.scale = {}, {}
+        floor = resolution_floor(rate_hz)
         groups = [(GLOBAL, np.ones(residuals.size, bool))] + [
             (str(w), workloads == w) for w in np.unique(workloads)
             if (workloads == w).sum() >= MIN_ROWS_PER_WORKLOAD]
         for name, rows in groups:
             centre = float(np.median(residuals[rows]))
             mad = float(np.median(np.abs(residuals[rows] - centre))) * MAD_TO_SIGMA
-            self.centre[name], self.scale[name] = centre, max(mad, 1.0)
+            self.centre[name], self.scale[name] = centre, max(mad, floor)
         scores = np.concatenate([self._scores(residuals[segments == s], workloads[segments == s])
                                  for s in np.unique(segments)])
         bounds = np.concatenate([[True], segments[1:] != segments[:-1]])
         hours = residuals.size / rate_hz / 3600
-        candidates = np.unique(np.quantile(scores, np.linspace(0.5, 1.0, 201)))
-        self.threshold = float(scores.max() + 1.0)
-        for t in candidates:
-            if count_raises(scores, bounds, t, self.raise_ticks, self.clear_ticks) / hours \
-                    <= self.false_alarms_per_hour:
-                self.threshold = float(t)
-                break
+        observed = self._lowest_threshold(scores, bounds, hours)
+        extrapolated, tail = tail_threshold(sustained(scores, bounds, self.raise_ticks), bounds,
+                                            hours, self.false_alarms_per_hour)
+        self.threshold = max(observed, extrapolated)
         self.calibration = {"rows": int(residuals.size), "hours": hours,
                             "false_alarms": count_raises(scores, bounds, self.threshold,
-                                                         self.raise_ticks, self.clear_ticks)}
+                                                         self.raise_ticks, self.clear_ticks),
+                            "observed_threshold": observed, **tail}
         return self
+
+    def _lowest_threshold(self, scores: np.ndarray, bounds: np.ndarray, hours: float) -> float:
+        """The lowest threshold whose replay of the calibration scores stays within the rate."""
+        for t in np.unique(np.quantile(scores, np.linspace(0.5, 1.0, 201))):
+            if count_raises(scores, bounds, t, self.raise_ticks, self.clear_ticks) / hours \
+                    <= self.false_alarms_per_hour:
+                return float(t)
+        return float(scores.max() + 1.0)
 
     def z(self, residual: float, workload: str) -> float:
         key = workload if workload in self.scale else GLOBAL
@@ -117,6 +137,55 @@ def count_raises(scores: np.ndarray, segment_starts: np.ndarray, threshold: floa
             logic = Hysteresis(threshold, raise_ticks, clear_ticks)
         count += logic.step(s) == "raise"
     return count
+
+
+def sustained(scores: np.ndarray, segment_starts: np.ndarray, k: int) -> np.ndarray:
+    """The lowest of the last k scores of a segment (NaN before the k-th): an alarm raises
+    where this exceeds the threshold."""
+    segment = np.cumsum(segment_starts)
+    out = scores.astype(float)
+    for lag in range(1, k):
+        earlier = np.full(scores.size, np.nan)
+        earlier[lag:] = np.where(segment[lag:] == segment[:-lag], scores[:-lag], np.nan)
+        out = np.minimum(out, earlier)  # NaN wins
+    return out
+
+
+def tail_threshold(level: np.ndarray, segment_starts: np.ndarray, hours: float, rate: float,
+                   min_episodes: int = 20) -> tuple[float, dict[str, float]]:
+    """The level crossed `rate` times an hour, by the exponential tail of episode peaks.
+
+    A calibration of minutes cannot show a once-an-hour level: the lowest threshold with no
+    alarm in it is its maximum, and a longer stretch of normal operation will exceed it.
+    Peaks over a high level u (one per upcrossing) are fitted with an exponential excess
+    (mean excess sigma); u is crossed lambda_u times an hour, so the level crossed `rate`
+    times an hour is u + sigma * ln(lambda_u / rate).
+    """
+    valid = ~np.isnan(level)
+    for q in (0.99, 0.98, 0.95, 0.9, 0.8):
+        u = float(np.quantile(level[valid], q))
+        peaks = _episode_peaks(level, segment_starts, u)
+        if peaks.size >= min_episodes:
+            break
+    if peaks.size < 2:
+        return -np.inf, {"tail_episodes": int(peaks.size)}
+    sigma = float(np.mean(peaks - u))
+    per_hour = peaks.size / hours
+    threshold = u + sigma * np.log(per_hour / rate) if per_hour > rate else u
+    return float(threshold), {"tail_level": u, "tail_episodes": int(peaks.size),
+                              "tail_mean_excess": sigma, "tail_threshold": float(threshold)}
+
+
+def _episode_peaks(level: np.ndarray, segment_starts: np.ndarray, u: float) -> np.ndarray:
+    above = np.nan_to_num(level, nan=-np.inf) > u
+    starts = above & (segment_starts | ~np.r_[False, above[:-1]])
+    episode = np.cumsum(starts)
+    episode[~above] = 0
+    if not episode.any():
+        return np.array([])
+    peaks = np.full(episode.max() + 1, -np.inf)
+    np.maximum.at(peaks, episode[above], level[above])
+    return peaks[1:]
 
 
 @dataclass
