@@ -7,7 +7,14 @@ import polars as pl
 import pytest
 
 from cputwin import TwinStack
-from cputwin.live.detector import Detector, Hysteresis, calibrate, count_raises
+from cputwin.live.detector import (
+    Detector,
+    Hysteresis,
+    calibrate,
+    count_raises,
+    resolution_floor,
+    sustained,
+)
 from cputwin.live.stream import OnlineTwin
 from cputwin.models import BUILTIN_BASES
 from helpers import synthetic_run
@@ -52,6 +59,22 @@ def test_a_short_calibration_extrapolates_the_tail_to_the_stated_rate():
     observed_only = count_raises(scores, starts, det.calibration["observed_threshold"],
                                  det.raise_ticks, det.clear_ticks) / 10
     assert per_hour <= 3.0 and per_hour < observed_only
+
+
+def test_sustained_level_is_the_lowest_of_the_last_k_within_a_segment():
+    scores = np.array([5.0, 1.0, 4.0, 6.0, 7.0, 8.0, 9.0])
+    starts = np.array([True, False, False, False, True, False, False])
+    got = sustained(scores, starts, 3)
+    np.testing.assert_array_equal(np.isnan(got), [True, True, False, False, True, True, False])
+    assert got[2] == 1.0 and got[3] == 1.0 and got[6] == 7.0  # never across the segment start
+
+
+def test_scale_floor_is_a_readings_rounding_at_10_hz():
+    assert resolution_floor(10.0) == pytest.approx(10 / np.sqrt(12))
+    assert resolution_floor(1.0) == 1.0
+    still = np.zeros(600)  # a core that never moved in calibration
+    det = Detector().fit(still, np.array(["w"] * 600), np.zeros(600), rate_hz=10)
+    assert det.scale["w"] == pytest.approx(10 / np.sqrt(12))
 
 
 def test_round_trip_through_a_dict():

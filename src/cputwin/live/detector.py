@@ -162,7 +162,8 @@ def tail_threshold(level: np.ndarray, segment_starts: np.ndarray, hours: float, 
     times an hour is u + sigma * ln(lambda_u / rate).
     """
     valid = ~np.isnan(level)
-    for q in (0.99, 0.98, 0.95, 0.9, 0.8):
+    peaks = np.array([])
+    for q in (0.99, 0.98, 0.95, 0.9, 0.8) if valid.any() else ():
         u = float(np.quantile(level[valid], q))
         peaks = _episode_peaks(level, segment_starts, u)
         if peaks.size >= min_episodes:

@@ -18,7 +18,6 @@ from sklearn.linear_model import RidgeCV
 
 from cputwin.errors import ModelError
 from cputwin.features.spec import FeatureSpec, get_spec
-from cputwin.models.forest import CompiledForest
 
 # Early stopping always names its metric: in LightGBM 4.7 'r2' is a real metric that
 # is maximised by stopping at iteration 1, which silently ruins the seed's V2.3 call.
@@ -208,7 +207,7 @@ class BaseModel:
     feature_names: list[str]
     booster: lgb.Booster
     _single: SingleRowPredictor | None = field(default=None, repr=False, compare=False)
-    _forest: CompiledForest | None = field(default=None, repr=False, compare=False)
+    _forest: Any = field(default=None, repr=False, compare=False)  # CompiledForest
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.booster.predict(X, num_threads=1)
@@ -220,6 +219,8 @@ class BaseModel:
         if self._single is None:
             self._single = SingleRowPredictor(self.booster)
         if compiled_trees and self._forest is None:
+            from cputwin.models.forest import CompiledForest  # Numba loads only for live use
+
             self._forest = CompiledForest.from_booster(self.booster)
             if self._forest is not None:
                 self._forest(np.zeros(self._single.n_features))

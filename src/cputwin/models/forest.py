@@ -3,10 +3,12 @@
 A live tick predicts one row at a time, where LightGBM walks its trees one after another:
 each step waits on the load of the next node, and every comparison is a branch the CPU
 guesses wrong half the time. Here the trees are laid out depth-first (a left child is the
-next node), grouped into blocks of trees of similar depth, and a block's trees are walked
-side by side, branch-free, for as many steps as its deepest tree needs (a leaf steps onto
-itself). Same trees, same comparisons (`x > threshold` goes right), same leaf values: only
-the order in which the leaf values are added differs (about 1e-13).
+next node; a node is a threshold, or a leaf's value, in one array and an int32 code,
+feature | left step << 16 | right step << 17, in another), grouped into blocks of trees
+of similar depth, and a block's trees are walked side by side, branch-free, for as many
+steps as its deepest tree needs (a leaf steps onto itself). Same trees, same comparisons
+(`x > threshold` goes right), same leaf values: only the order in which the leaf values
+are added differs (about 1e-13).
 
 Only what this fast path can state exactly is compiled: numerical splits, an identity
 output (regression objectives), no linear trees. A row holding NaN, or a model that
@@ -30,8 +32,8 @@ _ZERO = 1e-35  # LightGBM's kZeroThreshold
 
 
 @numba.njit(cache=True, nogil=True)
-def _walk(x: np.ndarray, nodes: np.ndarray, roots: np.ndarray, steps: np.ndarray,
-          zero_missing: bool) -> float:
+def _walk(x: np.ndarray, values: np.ndarray, codes: np.ndarray, roots: np.ndarray,
+          steps: np.ndarray, zero_missing: bool) -> float:
     """Sum of the leaf values `x` reaches; NaN where the fast path cannot answer for `x`."""
     for v in x:  # LightGBM reads |v| <= 1e-35 as 0 and may route 0 or NaN apart
         if math.isnan(v) or (v != 0.0 and abs(v) <= _ZERO) or (zero_missing and v == 0.0):
@@ -47,20 +49,20 @@ def _walk(x: np.ndarray, nodes: np.ndarray, roots: np.ndarray, steps: np.ndarray
         for _ in range(steps[block]):
             for k in range(width):
                 n = at[k]
-                code = np.int64(nodes[2 * n + 1])
-                right = x[code & 0xFFFF] > nodes[2 * n]
+                code = codes[n]
+                right = x[code & 0xFFFF] > values[n]
                 at[k] = n + ((code >> 17) if right else ((code >> 16) & 1))
         for k in range(width):
-            total += nodes[2 * at[k]]
+            total += values[at[k]]
     return total
 
 
 class CompiledForest:
     """One booster's trees, ready for `_walk`; `from_booster` says None where it cannot."""
 
-    def __init__(self, nodes: np.ndarray, roots: np.ndarray, steps: np.ndarray,
-                 zero_missing: bool) -> None:
-        self.nodes, self.roots, self.steps = nodes, roots, steps
+    def __init__(self, values: np.ndarray, codes: np.ndarray, roots: np.ndarray,
+                 steps: np.ndarray, zero_missing: bool) -> None:
+        self.values, self.codes, self.roots, self.steps = values, codes, roots, steps
         self.zero_missing = zero_missing
 
     @classmethod
@@ -83,7 +85,7 @@ class CompiledForest:
         return cls._layout(trees)
 
     @classmethod
-    def _layout(cls, trees: list[dict[str, str]]) -> CompiledForest:
+    def _layout(cls, trees: list[dict[str, str]]) -> CompiledForest | None:
         values: list[float] = []  # a split's threshold or a leaf's value
         codes: list[int] = []
         roots, depths = [], []
@@ -104,13 +106,14 @@ class CompiledForest:
         depth = np.asarray(depths, dtype=np.int64)[order]
         steps = np.array([depth[i:i + BLOCK].max() for i in range(0, depth.size, BLOCK)],
                          dtype=np.int64)
-        nodes = np.empty(2 * len(values))
-        nodes[0::2], nodes[1::2] = values, codes  # codes < 2**53: exact as floats
-        return cls(nodes, np.asarray(roots, dtype=np.int64)[order], steps, zero_missing)
+        if max(codes) >= 1 << 31:  # a tree too large for int32 steps
+            return None
+        return cls(np.asarray(values, dtype=np.float64), np.asarray(codes, dtype=np.int32),
+                   np.asarray(roots, dtype=np.int64)[order], steps, zero_missing)
 
     def __call__(self, x: np.ndarray) -> float:
         """The raw score for one row, or NaN where LightGBM must answer (see module doc)."""
-        return _walk(x, self.nodes, self.roots, self.steps, self.zero_missing)
+        return _walk(x, self.values, self.codes, self.roots, self.steps, self.zero_missing)
 
 
 def _place(split: dict[str, list[float]], leaves: list[float], values: list[float],
