@@ -421,7 +421,7 @@ def serve(
 
         read_payload(twin)  # a bad file fails here, in one line, before the server starts
         uvicorn.run(create_app(twin, max_streams, stream_ttl, max_body), host=host, port=port,
-                    log_level="warning")
+                    log_level="warning", access_log=False)  # /metrics counts requests
 
 
 def _version(value: bool) -> None:

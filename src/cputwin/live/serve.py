@@ -193,8 +193,7 @@ class LimitsAndMetrics:
             return
         start = time.perf_counter()
         status = {"code": 500}
-        headers = dict(scope.get("headers") or [])
-        size = headers.get(b"content-length")
+        size = next((v for k, v in scope.get("headers") or () if k == b"content-length"), None)
         too_big = size is not None and (not size.isdigit() or int(size) > self.max_body_bytes)
         received = 0
 
