@@ -208,6 +208,7 @@ class BaseModel:
     booster: lgb.Booster
     _single: SingleRowPredictor | None = field(default=None, repr=False, compare=False)
     _forest: Any = field(default=None, repr=False, compare=False)  # CompiledForest
+    _forest_built: bool = field(default=False, repr=False, compare=False)  # even if None
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.booster.predict(X, num_threads=1)
@@ -218,14 +219,15 @@ class BaseModel:
         every row (to compare the two)."""
         if self._single is None:
             self._single = SingleRowPredictor(self.booster)
-        if compiled_trees and self._forest is None:
+        if compiled_trees and not self._forest_built:  # parse a model once, kernel or not
             from cputwin.models.forest import CompiledForest  # Numba loads only for live use
 
             self._forest = CompiledForest.from_booster(self.booster)
+            self._forest_built = True
             if self._forest is not None:
                 self._forest(np.zeros(self._single.n_features))
         elif not compiled_trees:
-            self._forest = None
+            self._forest, self._forest_built = None, False
 
     def predict_one(self, x: np.ndarray) -> float:
         """One float64 row (live streams): the compiled trees, or LightGBM's single-row path
