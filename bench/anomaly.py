@@ -5,8 +5,9 @@
 
 1. Records one normal run per built-in workload with the collector (training data), and
    a second set (held-out normal runs, for false alarms).
-2. Trains an independent-mode twin and a sensor-mode twin on the first set; each calibrates
-   its detector on out-of-fold residuals (1 false alarm per hour).
+2. Trains an independent-mode twin and a sensor-mode twin on the first set, both with the
+   `detect` preset (bases that learn from every core's rows); each calibrates its detector
+   on out-of-fold residuals (1 false alarm per hour).
 3. Records one more run per workload while, at random moments unknown to the detector, a
    busy-loop process pinned to the target core (os.sched_setaffinity) runs for 2–10 s;
    injections are at least GAP_S apart and end inside their run, so each is its own event.
@@ -155,8 +156,8 @@ def run(seconds: float, injections: int, core: int, seed: int, keep: Path | None
         out: dict = {"seconds_per_run": seconds, "target": target,
                      "normal_hours": hours, "injected_intervals": len(intervals)}
         for mode in ("independent", "sensor"):
-            stack = TwinStack(bases=["physics_linear", "gbm_l2", "gbm_pooled"], target=target,
-                              mode=mode, meta_model="auto").fit(train)
+            stack = TwinStack(bases="detect", target=target, mode=mode,
+                              meta_model="auto").fit(train)
             detector = calibrate(stack, train)
             false_alarms = len(replay_alarms(stack, detector, normal))
             result = score(replay_alarms(stack, detector, injected), intervals)

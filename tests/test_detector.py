@@ -14,6 +14,7 @@ from cputwin.live.detector import (
     count_raises,
     resolution_floor,
     sustained,
+    tail_threshold,
 )
 from cputwin.live.stream import OnlineTwin
 from cputwin.models import BUILTIN_BASES
@@ -59,6 +60,24 @@ def test_a_short_calibration_extrapolates_the_tail_to_the_stated_rate():
     observed_only = count_raises(scores, starts, det.calibration["observed_threshold"],
                                  det.raise_ticks, det.clear_ticks) / 10
     assert per_hour <= 3.0 and per_hour < observed_only
+
+
+def test_the_tail_threshold_undershoots_the_true_level_rarely():
+    # Exp(1) levels at 10 Hz: a level x is crossed about 36,000 e^-x times an hour, so the
+    # once-an-hour level is ln(36,000). From six minutes the point estimate undershoots it
+    # about half the time (each undershoot is alarms); the upper bound on the tail's scale
+    # keeps that near 1 - confidence.
+    rng = np.random.default_rng(2)
+    true_level = np.log(36_000)
+    starts = np.r_[True, np.zeros(3599, bool)]
+
+    def undershoots(confidence: float) -> float:
+        got = [tail_threshold(rng.exponential(1.0, 3600), starts, 0.1, 1.0,
+                              confidence=confidence)[0] for _ in range(300)]
+        return float(np.mean(np.array(got) < true_level))
+
+    assert undershoots(0.9) <= 0.15
+    assert undershoots(0.5) >= 0.3
 
 
 def test_sustained_level_is_the_lowest_of_the_last_k_within_a_segment():

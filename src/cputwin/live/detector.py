@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import chi2
 
 GLOBAL = "*"
 MIN_ROWS_PER_WORKLOAD = 200
@@ -152,14 +153,16 @@ def sustained(scores: np.ndarray, segment_starts: np.ndarray, k: int) -> np.ndar
 
 
 def tail_threshold(level: np.ndarray, segment_starts: np.ndarray, hours: float, rate: float,
-                   min_episodes: int = 20) -> tuple[float, dict[str, float]]:
+                   min_episodes: int = 20, confidence: float = 0.9) -> tuple[float, dict[str, float]]:
     """The level crossed `rate` times an hour, by the exponential tail of episode peaks.
 
     A calibration of minutes cannot show a once-an-hour level: the lowest threshold with no
     alarm in it is its maximum, and a longer stretch of normal operation will exceed it.
     Peaks over a high level u (one per upcrossing) are fitted with an exponential excess
     (mean excess sigma); u is crossed lambda_u times an hour, so the level crossed `rate`
-    times an hour is u + sigma * ln(lambda_u / rate).
+    times an hour is u + sigma * ln(lambda_u / rate). A few dozen peaks leave sigma
+    uncertain, and an underestimate shows up as alarms, so sigma is taken at its upper
+    `confidence` bound (2 n sigma_hat / sigma is chi-square with 2n degrees of freedom).
     """
     valid = ~np.isnan(level)
     peaks = np.array([])
@@ -171,10 +174,12 @@ def tail_threshold(level: np.ndarray, segment_starts: np.ndarray, hours: float, 
     if peaks.size < 2:
         return -np.inf, {"tail_episodes": int(peaks.size)}
     sigma = float(np.mean(peaks - u))
+    upper = sigma * 2 * peaks.size / chi2.ppf(1 - confidence, 2 * peaks.size)
     per_hour = peaks.size / hours
-    threshold = u + sigma * np.log(per_hour / rate) if per_hour > rate else u
+    threshold = u + upper * np.log(per_hour / rate) if per_hour > rate else u
     return float(threshold), {"tail_level": u, "tail_episodes": int(peaks.size),
-                              "tail_mean_excess": sigma, "tail_threshold": float(threshold)}
+                              "tail_mean_excess": sigma, "tail_mean_excess_upper": upper,
+                              "tail_threshold": float(threshold)}
 
 
 def _episode_peaks(level: np.ndarray, segment_starts: np.ndarray, u: float) -> np.ndarray:

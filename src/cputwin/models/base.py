@@ -113,6 +113,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
     # training time (bench/accuracy.py scores them beside the twin).
     "twin": ("physics_linear", "gbm_l2", "gbm_pooled", "gbm_l2_seed7", "gbm_pooled_seed7"),
     "portable": ("physics_linear", "gbm_portable", "gbm_pooled_portable"),
+    # For independent-mode twins that watch for anomalies: the pooled bases learn from every
+    # core's rows, so a workload the scheduler puts on another core than it did in training
+    # is a situation they have seen (a per-core model extrapolates there, and a hidden
+    # process on the target then looks like the workload).
+    "detect": ("physics_linear", "gbm_pooled", "gbm_pooled_seed7"),
 }
 
 

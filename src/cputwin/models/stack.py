@@ -48,7 +48,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
 
     Parameters
     ----------
-    bases : a preset ("seed", "twin", "portable") or a list of built-in base names /
+    bases : a preset ("seed", "twin", "portable", "detect") or a list of built-in base names /
         `BaseSpec` objects, one base model each. The default is the seed's two sets.
     target : the core column to twin.
     mode : "sensor" (may read everything but the target core) or "independent" (may read
