@@ -42,10 +42,15 @@ def serving(twin, **limits):
 
 
 @pytest.fixture(scope="module")
-def server(sample_data, tmp_path_factory):
+def seed_twin(sample_data, tmp_path_factory):
     twin = tmp_path_factory.mktemp("serve") / "t.cputwin"
     train(sample_data, twin, bases="seed", mode="independent")
-    with serving(twin, max_streams=3, stream_ttl_s=60, max_body_bytes=50_000) as client:
+    return twin
+
+
+@pytest.fixture(scope="module")
+def server(seed_twin):
+    with serving(seed_twin, max_streams=3, stream_ttl_s=60, max_body_bytes=50_000) as client:
         yield client
 
 
@@ -119,6 +124,22 @@ def test_stream_cap_is_429_and_metrics_count(server):
     assert "cputwin_requests_total" in text and "cputwin_request_seconds_bucket" in text
     assert "cputwin_streams 3" in text
     assert 'status="429"' in text
+
+
+def test_idle_streams_expire_and_free_their_place(seed_twin):
+    with serving(seed_twin, max_streams=2, stream_ttl_s=2.0) as client:
+        def post(stream_id: str, t: float) -> int:
+            return client.post(f"/v1/streams/{stream_id}/samples",
+                               json={"samples": [_sample(t)]}).status_code
+
+        assert post("a", 1.0) == 200
+        time.sleep(1.2)
+        assert post("b", 1.0) == 200
+        assert post("c", 1.0) == 429  # at the cap, nothing idle long enough yet
+        time.sleep(1.2)  # a idle 2.4 s: expired; b idle 1.2 s: live
+        assert post("c", 1.0) == 200
+        assert post("b", 0.5) == 409  # b kept its state (its last timestamp)
+        assert "cputwin_streams 2" in client.get("/metrics").text
 
 
 def test_a_stream_carries_its_host_to_a_host_category_twin(tmp_path):
