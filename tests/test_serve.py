@@ -123,7 +123,7 @@ def test_stream_cap_is_429_and_metrics_count(server):
     text = server.get("/metrics").text
     assert "cputwin_requests_total" in text and "cputwin_request_seconds_bucket" in text
     assert "cputwin_streams 3" in text
-    assert 'status="429"' in text
+    assert 'path="/v1/streams/{stream_id}/samples",status="429"' in text
 
 
 def test_idle_streams_expire_and_free_their_place(seed_twin):

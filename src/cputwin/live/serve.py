@@ -32,7 +32,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from cputwin.errors import CputwinError
 from cputwin.telemetry.ingest import check_run
@@ -237,6 +237,17 @@ class _TooBig(Exception):
 STREAM_PATH = "/v1/streams/{stream_id}/samples"
 
 
+class _NamedRoute(Route):
+    """A Starlette route that puts itself in the scope, as FastAPI's routes do, so the
+    metrics count its requests under its path."""
+
+    def matches(self, scope) -> tuple[Match, dict[str, Any]]:
+        match, child_scope = super().matches(scope)
+        if match != Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
 async def stream_samples(request: Request) -> Response:
     """POST /v1/streams/{stream_id}/samples, served as a plain Starlette route (see
     `create_app`)."""
@@ -330,7 +341,7 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
     # no dependency solving, exit stacks or response-model re-validation per request.
     # Errors still go through the app's handlers (the same 4xx bodies), and the OpenAPI
     # document describes the route through `_stream_doc`, which is never served.
-    app.router.routes.insert(0, Route(STREAM_PATH, stream_samples, methods=["POST"]))
+    app.router.routes.insert(0, _NamedRoute(STREAM_PATH, stream_samples, methods=["POST"]))
     _document(app, APIRoute(STREAM_PATH, _stream_doc, methods=["POST"],
                             response_model=StreamResults, summary="Stream samples",
                             openapi_extra={"requestBody": {"required": True, "content": {
