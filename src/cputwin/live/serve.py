@@ -264,16 +264,22 @@ async def stream_samples(request: Request) -> Response:
     if (last is not None and ts[0] <= last) or any(b <= a for a, b in itertools.pairwise(ts)):
         raise HTTPException(409, f"timestamps must increase within stream {stream_id!r} "
                                  f"(last seen {last})")
-    results = []
-    for i, sample in enumerate(body.samples):
-        tick = stream.update(cores[i], sample.cpu_util_overall, sample.workload_type)
-        app_state.metrics.alarms += tick.event == "raise"
-        results.append({"timestamp": sample.timestamp, "prediction": tick.prediction,
-                        "residual": tick.residual, "score": tick.score,
-                        "alarm": tick.alarm, "event": tick.event})
+    results = _step(stream, body.samples, cores, app_state.metrics)
     entry[1] = ts[-1]
     return Response(json.dumps({"stream_id": stream_id, "results": results}),
                     media_type="application/json")
+
+
+def _step(stream, samples: list[Sample], cores: np.ndarray, metrics: Metrics) -> list[dict]:
+    """Feed checked samples to a stream; the verdict of each, as the JSON answer holds it."""
+    results = []
+    for i, sample in enumerate(samples):
+        tick = stream.update(cores[i], sample.cpu_util_overall, sample.workload_type)
+        metrics.alarms += tick.event == "raise"
+        results.append({"timestamp": sample.timestamp, "prediction": tick.prediction,
+                        "residual": tick.residual, "score": tick.score,
+                        "alarm": tick.alarm, "event": tick.event})
+    return results
 
 
 async def _stream_doc(stream_id: str) -> StreamResults:
