@@ -13,9 +13,9 @@ per workload where a workload has enough of them:
 residuals through the same alarm logic raises no more than `false_alarms_per_hour` alarms,
 and the level an exponential tail fitted to the peaks of those scores puts at that rate
 (minutes of calibration cannot show a once-an-hour level; see `tail_threshold`). The
-score is one-sided
-by default (the core busier than the twin expects: a hidden process, a noisy neighbour);
-`two_sided` also catches a core quieter than expected (a stuck scheduler).
+score is one-sided by default (the core busier than the twin expects: a hidden process,
+a noisy neighbour); `two_sided` also catches a core quieter than expected (a stuck
+scheduler).
 """
 
 from __future__ import annotations
