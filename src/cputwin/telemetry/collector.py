@@ -30,6 +30,7 @@ from cputwin.telemetry.schema import (
     TEMP_COLUMN,
     TIMESTAMP,
     WORKLOAD,
+    WORKLOAD_CPU,
     Schema,
     core_column,
 )
@@ -76,11 +77,53 @@ def ticks(rate: float, n_ticks: int | None = None) -> Iterator[int]:
         k += 1
 
 
-class Sampler:
-    """One psutil sample per call: overall and per-core utilisation since the last call."""
+class ProcessMeter:
+    """CPU use of one process and its descendants between calls, in percent of one core.
 
-    def __init__(self) -> None:
+    Each process's CPU time is differenced against its own last reading, so a child that
+    appears counts from its start and one that exits drops out (no negative steps).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.last_time = time.monotonic()
+        self.seen: dict[int, float] = {}
+        self.read()
+
+    def _cpu_seconds(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return out
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            out[proc.pid] = t.user + t.system
+        return out
+
+    def read(self) -> float | None:
+        """Percent of one core used since the last call (None before the first interval)."""
+        now = time.monotonic()
+        current = self._cpu_seconds()
+        elapsed, self.last_time = now - self.last_time, now
+        used = sum(max(0.0, t - self.seen.get(pid, t)) for pid, t in current.items())
+        first = not self.seen
+        self.seen = current
+        if first or elapsed <= 0:
+            return None
+        return 100.0 * used / elapsed
+
+
+class Sampler:
+    """One psutil sample per call: overall and per-core utilisation since the last call,
+    and, given the workload's pid, the workload's own CPU use over the same interval."""
+
+    def __init__(self, workload_pid: int | None = None) -> None:
         self.schema = Schema(n_cores=psutil.cpu_count(logical=True) or 1)
+        self.meter = ProcessMeter(workload_pid) if workload_pid else None
         psutil.cpu_percent(interval=None)
         psutil.cpu_percent(interval=None, percpu=True)
 
@@ -88,12 +131,13 @@ class Sampler:
         now = time.time()
         overall = psutil.cpu_percent(interval=None)
         cores = psutil.cpu_percent(interval=None, percpu=True)
+        own = self.meter.read() if self.meter else None
         cur, lo, hi = _freq()
         row: dict[str, Any] = {TIMESTAMP: now, OVERALL: float(overall)}
         for i, v in enumerate(cores):
             row[core_column(i)] = float(v)
         row.update({"cpu_freq_current_mhz": cur, "cpu_freq_min_mhz": lo, "cpu_freq_max_mhz": hi,
-                    TEMP_COLUMN: _temperature(), WORKLOAD: workload})
+                    TEMP_COLUMN: _temperature(), WORKLOAD_CPU: own, WORKLOAD: workload})
         return row
 
 
@@ -141,9 +185,9 @@ class Collector:
         final = out_dir / f"{stem}.parquet"
         parts = out_dir / f"{stem}.parts"
         parts.mkdir(exist_ok=False)
-        sampler = Sampler()
         proc = WorkloadProcess(workload_fn)
         proc.start()
+        sampler = Sampler(workload_pid=proc.process.pid)
         writer = PartWriter(parts, arrow_schema(sampler.schema))
         started = time.time()
         try:

@@ -16,7 +16,11 @@ HOST = "host"
 CORE_PREFIX = "cpu_util_core_"
 FREQ_COLUMNS = ("cpu_freq_current_mhz", "cpu_freq_min_mhz", "cpu_freq_max_mhz")
 TEMP_COLUMN = "cpu_temp_celsius_avg"
-OPTIONAL_COLUMNS = (*FREQ_COLUMNS, TEMP_COLUMN)
+# CPU use of the labelled workload's own processes since the last sample, in percent of one
+# core (0 … 100 × cores, as `top` shows it): where the expected load is, so a twin can tell
+# the workload moving onto a core from an unknown process on it. The seed has no such column.
+WORKLOAD_CPU = "workload_cpu_percent"
+OPTIONAL_COLUMNS = (*FREQ_COLUMNS, TEMP_COLUMN, WORKLOAD_CPU)
 
 _CORE_RE = re.compile(r"^cpu_util_core_(\d+)$")
 
