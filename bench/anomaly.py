@@ -6,8 +6,10 @@
 1. Records one normal run per built-in workload with the collector (training data), and
    a second set (held-out normal runs, for false alarms).
 2. Trains an independent-mode twin and a sensor-mode twin on the first set, both with the
-   `detect` preset (bases that learn from every core's rows); each calibrates its detector
-   on out-of-fold residuals (1 false alarm per hour).
+   `detect_wcpu` preset (bases that learn from every core's rows and read the workload's
+   own CPU use; `detect`, without it, for recordings made before the collector measured
+   it, or with --bases); each calibrates its detector on out-of-fold residuals (1 false
+   alarm per hour).
 3. Records one more run per workload while, at random moments unknown to the detector, a
    busy-loop process pinned to the target core (os.sched_setaffinity) runs for 2–10 s;
    injections are at least GAP_S apart and end inside their run, so each is its own event.
@@ -40,7 +42,7 @@ from cputwin.live.stream import OnlineTwin
 from cputwin.models import TwinStack
 from cputwin.telemetry.collector import Collector
 from cputwin.telemetry.ingest import load_runs
-from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, TIMESTAMP, WORKLOAD
+from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, TIMESTAMP, WORKLOAD, WORKLOAD_CPU
 from cputwin.telemetry.workloads import WORKLOADS
 
 GRACE_S = 2.0  # an alarm up to this long after an injection ends still counts for it
@@ -111,12 +113,13 @@ def replay_alarms(stack: TwinStack, detector, frame: pl.DataFrame) -> list[float
     twin = OnlineTwin(stack, detector=detector)
     cores = frame.select(twin.schema.core_columns).to_numpy()
     overall, workloads = frame[OVERALL].to_numpy(), frame[WORKLOAD].to_list()
+    own = frame[WORKLOAD_CPU].fill_null(float("nan")).to_numpy()
     stamps, runs = frame[TIMESTAMP].to_numpy(), frame[RUN_COLUMN].to_list()
     raises, stream, current = [], None, None
     for i in range(frame.height):
         if runs[i] != current:
             stream, current = twin.stream(), runs[i]
-        if stream.update(cores[i], overall[i], workloads[i]).event == "raise":
+        if stream.update(cores[i], overall[i], workloads[i], own[i]).event == "raise":
             raises.append(float(stamps[i]))
     return raises
 
@@ -135,8 +138,15 @@ def score(raises: list[float], intervals: list[tuple[float, float]]) -> dict[str
     }
 
 
+def default_bases(train: pl.DataFrame) -> str:
+    """detect_wcpu where the recording has the workload's CPU use, detect otherwise."""
+    measured = WORKLOAD_CPU in train.columns and train[WORKLOAD_CPU].null_count() < train.height
+    return "detect_wcpu" if measured else "detect"
+
+
 def run(seconds: float, injections: int, core: int, seed: int, keep: Path | None = None,
-        train_seconds: float | None = None, normal_seconds: float | None = None) -> dict:
+        train_seconds: float | None = None, normal_seconds: float | None = None,
+        bases: str | None = None) -> dict:
     rng = random.Random(seed)
     schedule(injections, seconds, random.Random(seed))  # a plan that cannot fit fails now
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -153,10 +163,11 @@ def run(seconds: float, injections: int, core: int, seed: int, keep: Path | None
         train, normal, injected = (load_runs(d) for d in (train_dir, normal_dir, inject_dir))
         target = f"cpu_util_core_{core}"
         hours = normal.height / 10 / 3600
-        out: dict = {"seconds_per_run": seconds, "target": target,
+        bases = bases or default_bases(train)
+        out: dict = {"seconds_per_run": seconds, "target": target, "bases": bases,
                      "normal_hours": hours, "injected_intervals": len(intervals)}
         for mode in ("independent", "sensor"):
-            stack = TwinStack(bases="detect", target=target, mode=mode,
+            stack = TwinStack(bases=bases, target=target, mode=mode,
                               meta_model="auto").fit(train)
             detector = calibrate(stack, train)
             false_alarms = len(replay_alarms(stack, detector, normal))
@@ -177,17 +188,20 @@ def main() -> None:
     parser.add_argument("--target-core", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep the recordings here (and reuse them)")
+    parser.add_argument("--bases", choices=("detect", "detect_wcpu"),
+                        help="the twins' preset (default: detect_wcpu where the recording has "
+                             "the workload's CPU use, else detect)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     try:
         r = run(args.seconds, args.injections, args.target_core, args.seed, args.keep,
-                args.train_seconds, args.normal_seconds)
+                args.train_seconds, args.normal_seconds, args.bases)
     except ValueError as exc:
         parser.error(str(exc))
     if args.json:
         sys.stdout.write(json.dumps(r, indent=2) + "\n")
         return
-    print(f"target {r['target']}, {r['injected_intervals']} injected intervals, "
+    print(f"target {r['target']}, bases {r['bases']}, {r['injected_intervals']} injected intervals, "
           f"{r['normal_hours'] * 60:.1f} min of held-out normal runs")
     print(f"{'mode':<13}{'recall':>8}{'median s':>10}{'p95 s':>8}{'false/h':>9}")
     for mode in ("independent", "sensor"):

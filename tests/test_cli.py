@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
@@ -75,6 +76,7 @@ def test_report_is_self_contained_html_with_plots(honest_json):
     (["evaluate", "{sample}", "--meta", "median"], "meta_model must be one of"),
     (["evaluate", "{sample}", "--target", "all", "--protocol", "seed"], "use the honest protocol"),
     (["train", "{sample}", "-o", "{out}", "--target", "cpu_util_core_7"], "is not a core"),
+    (["evaluate", "{sample}", "--bases", "detect_wcpu"], "reads 'workload_cpu_percent'"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, sample_data, args, fragment):
     bad = write_run(synthetic_run().with_columns(pl.col("cpu_util_core_0").cast(pl.String)),
@@ -168,6 +170,36 @@ def test_watch_records_and_exits_cleanly(sample_data, tmp_path):
     lines = [json.loads(line) for line in events.read_text().splitlines()]
     assert all(e["event"] in ("raise", "clear") for e in lines)
     assert sum(e["event"] == "raise" for e in lines) == summary["alarms"]
+
+
+def test_watch_feeds_a_twin_the_cpu_use_of_the_workload_it_is_given(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cores = os.cpu_count()
+    files = [write_run(synthetic_run(n=300, cores=cores, seed=i, t0=1e9 + 1e4 * i), tmp_path,
+                       f"r{i}") for i in range(3)]
+    twin = tmp_path / "wcpu.cputwin"
+    trained = run("train", *files, "-o", twin, "--bases", "detect_wcpu", "--mode",
+                  "independent", "--max-rounds", "20")
+    assert trained.exit_code == 0, trained.output
+    refused = run("watch", twin, "--seconds", "1")
+    assert refused.exit_code == 2 and "give the pid" in refused.stderr
+    job = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        result = run("watch", twin, "--seconds", "3", "--pid", job.pid, "--record",
+                     tmp_path / "rec", "--json")
+    finally:
+        job.kill()
+        job.wait()
+    assert result.exit_code == 0, result.output
+    table = pl.read_parquet(json.loads(result.stdout)["record"])
+    own = table["workload_cpu_percent"].drop_nulls().to_numpy()
+    assert own.size >= table.height - 1 and 50 <= float(np.median(own)) <= 120
+    assert table["prediction"].drop_nulls().len() > 0
+    gone = run("watch", twin, "--seconds", "1", "--pid", job.pid)
+    assert gone.exit_code == 2 and f"no process with pid {job.pid}" in gone.stderr
 
 
 def _fleet(root, cores_of_host):

@@ -13,7 +13,7 @@ import pytest
 
 from cputwin import load_runs
 from cputwin.errors import DataError, WorkloadError
-from cputwin.telemetry.collector import Collector, read_metadata, recover_parts
+from cputwin.telemetry.collector import Collector, ProcessMeter, read_metadata, recover_parts
 from cputwin.telemetry.schema import Schema
 
 
@@ -54,6 +54,26 @@ def test_schema_and_label(short_run):
     assert meta["logical_cores"] == cores and meta["rate_hz"] == 10
     assert meta["workload_exit_status"] == 0 and meta["host"]
     assert not list(short_run.path.parent.glob("*.parts"))
+
+
+def test_the_workload_cpu_use_is_its_own(short_run, tmp_path):
+    """cpu_bound keeps about one core busy; idle uses next to nothing, whatever else runs."""
+    busy = load_runs(short_run.path)["workload_cpu_percent"].to_numpy()
+    assert busy.size and not np.isnan(busy).any()
+    assert 60 <= np.median(busy) <= 120
+    idle = load_runs(Collector(rate=10).record("idle", 2, tmp_path).path)
+    assert np.median(idle["workload_cpu_percent"].to_numpy()) <= 10
+
+
+def test_a_meter_counts_the_children_of_its_process():
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        meter = ProcessMeter(os.getpid())
+        time.sleep(1.0)
+        assert 60 <= meter.read() <= 120  # the child's busy loop, not this process
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.parametrize(("fn", "fragment"), [

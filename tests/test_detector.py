@@ -143,6 +143,41 @@ def test_a_pooled_base_has_seen_a_workload_on_the_other_core():
     assert expected["gbm_pooled"] < 30 and expected["gbm_l2"] > 60
 
 
+def _moving_job(seed: int, run: str, n: int = 600) -> pl.DataFrame:
+    """Two cores; a single-threaded job that the scheduler moves between them, with idle
+    phases; the job's own CPU use measured as the collector measures it (10-point steps)."""
+    rng = np.random.default_rng(seed)
+    phase = np.repeat(rng.integers(0, 3, n // 30 + 1), 30)[:n]  # 0: on core 0, 1: on 1, 2: idle
+    busy, quiet = 100 - rng.uniform(0, 5, n), rng.uniform(0, 8, n)
+    core0 = np.where(phase == 0, busy, quiet)
+    core1 = np.where(phase == 1, busy, quiet)
+    own = np.where(phase == 2, 0.0, 100.0) + 10.0 * rng.integers(-1, 2, n)
+    return pl.DataFrame({"run": [run] * n, "timestamp": 1e9 + seed * 1e5 + np.arange(n) * 0.1,
+                         "cpu_util_overall": (core0 + core1) / 2, "cpu_util_core_0": core0,
+                         "cpu_util_core_1": core1, "workload_cpu_percent": np.clip(own, 0, None),
+                         "workload_type": ["job"] * n})
+
+
+def test_the_workload_cpu_tells_the_job_moving_in_from_a_hidden_process():
+    # On the target with the other core idle, two things look alike from the cores alone:
+    # the job moved onto the target (normal), or the job idles and an unknown process runs
+    # there (an anomaly). Only the job's own CPU use tells them apart.
+    train = pl.concat([_moving_job(seed, f"r{seed}") for seed in range(4)])
+    probe = _moving_job(99, "probe").with_columns(
+        pl.lit(100.0).alias("cpu_util_core_0"), pl.lit(2.0).alias("cpu_util_core_1"),
+        pl.lit(51.0).alias("cpu_util_overall"))
+    moved_in = probe.with_columns(pl.lit(100.0).alias("workload_cpu_percent"))
+    hidden = probe.with_columns(pl.lit(0.0).alias("workload_cpu_percent"))
+    expect = {}
+    for bases in ("detect_wcpu", "detect"):
+        stack = TwinStack(bases=bases, mode="independent", early_stopping_fraction=0,
+                          base_params={name: {"n_estimators": 200} for name in BUILTIN_BASES},
+                          meta_model="auto").fit(train)
+        expect[bases] = [float(np.nanmean(stack.predict(f))) for f in (moved_in, hidden)]
+    assert expect["detect_wcpu"][0] > 60 and expect["detect_wcpu"][1] < 30
+    assert expect["detect"][0] == expect["detect"][1]  # the same inputs: it cannot tell
+
+
 def test_a_hidden_process_on_the_target_core_raises_an_alarm(independent_twin):
     stack, detector = independent_twin
     held_out = synthetic_run(n=400, cores=4, seed=99, workload="w").with_columns(

@@ -13,14 +13,16 @@ from cputwin.errors import FeatureError
 from cputwin.features import FeatureSpec, build_features, get_spec
 from cputwin.features.reference import reference_features
 from cputwin.telemetry.ingest import DataWarning
-from helpers import synthetic_run
+from helpers import synthetic_run, with_workload_cpu
 
 WITH_WINDOWS = FeatureSpec(
     name="windows",
     lags={"overall": (1, 3), "other_cores": (2,)},
     windows={"overall": ((5, "mean"), (5, "std")), "other_cores": ((3, "std"),)},
 )
-SPECS = [get_spec(n) for n in ("v2.0", "v2.3", "physics", "rich", "portable", "pooled")] + [WITH_WINDOWS]
+SPECS = [get_spec(n) for n in ("v2.0", "v2.3", "physics", "rich", "portable", "pooled",
+                                "pooled_wcpu")] + [WITH_WINDOWS]
+
 
 
 def _multi_run(n_runs=3, n=80, cores=4):
@@ -44,13 +46,41 @@ def test_engine_equals_pandas_reference_on_seed_data(seed_data, spec):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
         frame = load_runs(seed_data)
+    if spec.reads_workload_cpu:
+        frame = with_workload_cpu(frame)
     _check_equal_to_reference(frame, spec, "cpu_util_core_0", sorted(set(frame["workload_type"])))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_engine_equals_pandas_reference_on_sample(sample_frame, spec):
     wl = sorted(set(sample_frame["workload_type"]))
-    _check_equal_to_reference(sample_frame, spec, "cpu_util_core_1", wl)
+    _check_equal_to_reference(with_workload_cpu(sample_frame), spec, "cpu_util_core_1", wl)
+
+
+def test_the_workload_cpu_needs_data_that_has_it(seed_data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        frame = load_runs(seed_data)
+    workloads = sorted(set(frame["workload_type"]))
+    with pytest.raises(FeatureError, match="reads 'workload_cpu_percent'.*seed's data has none"):
+        build_features(frame, get_spec("pooled_wcpu"), "cpu_util_core_0", workloads)
+    with pytest.raises(FeatureError, match="reads 'workload_cpu_percent'"):
+        build_features(frame.drop("workload_cpu_percent"), get_spec("pooled_wcpu"),
+                       "cpu_util_core_0", workloads)
+
+
+def test_the_workload_share_the_other_cores_cannot_hold():
+    """workload_excess = clip(workload CPU − Σ other cores, 0, 100): on the target."""
+    frame = pl.DataFrame({
+        "run": ["r"] * 4, "timestamp": [0.0, 0.1, 0.2, 0.3],
+        "cpu_util_overall": [50.0, 50.0, 100.0, 0.0],
+        "cpu_util_core_0": [100.0, 0.0, 100.0, 0.0], "cpu_util_core_1": [0.0, 100.0, 100.0, 0.0],
+        "workload_cpu_percent": [100.0, 100.0, 250.0, None], "workload_type": ["a"] * 4,
+    })
+    spec = FeatureSpec(name="own", current=("workload_cpu",), workload=False)
+    mat = build_features(frame, spec, "cpu_util_core_0", ["a"])
+    assert mat.names == ["workload_cpu_percent", "workload_excess"]
+    np.testing.assert_array_equal(mat.X[:, 1], [100.0, 0.0, 100.0, np.nan])
 
 
 @settings(max_examples=30, deadline=None)
@@ -131,6 +161,7 @@ def test_interleaved_runs_give_the_same_features_row_for_row(spec):
 
 
 def test_float32_matrix_is_the_float64_one_rounded_once(sample_frame):
+    sample_frame = with_workload_cpu(sample_frame)
     wl = sorted(set(sample_frame["workload_type"]))
     for spec in SPECS:
         wide = build_features(sample_frame, spec, "cpu_util_core_0", wl)

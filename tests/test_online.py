@@ -14,7 +14,7 @@ from cputwin.features.online import OnlineFeatures
 from cputwin.live.stream import replay
 from cputwin.models import BUILTIN_BASES
 from cputwin.telemetry.ingest import DataWarning
-from helpers import synthetic_run, write_run
+from helpers import synthetic_run, with_workload_cpu, write_run
 
 FAST = {name: {"n_estimators": 25} for name in BUILTIN_BASES}
 
@@ -23,6 +23,8 @@ FAST = {name: {"n_estimators": 25} for name in BUILTIN_BASES}
 @pytest.mark.parametrize("mode", ["sensor", "independent"])
 def test_online_features_equal_batch_features(sample_frame, spec, mode):
     spec = spec.for_mode(mode)
+    sample_frame = with_workload_cpu(sample_frame)
+    own = sample_frame["workload_cpu_percent"].fill_null(float("nan")).to_numpy()
     target = "cpu_util_core_1"
     workloads = sorted(set(sample_frame["workload_type"]))
     batch = build_features(sample_frame, spec, target, workloads)
@@ -34,7 +36,7 @@ def test_online_features_equal_batch_features(sample_frame, spec, mode):
     for i, wl in enumerate(sample_frame["workload_type"].to_list()):
         if runs[i] != current:
             online, current = OnlineFeatures(compiled), runs[i]
-        x = online.update(cores[i], overall[i], wl)
+        x = online.update(cores[i], overall[i], wl, workload_cpu=own[i])
         assert (x is not None) == batch.valid[i]
         if x is not None:
             np.testing.assert_allclose(x, batch.X[i], rtol=0, atol=1e-9)
@@ -62,6 +64,13 @@ def test_replayed_seed_data_matches_batch_predictions(seed_data):
         frame = load_runs(seed_data)
     stack = TwinStack(bases="twin", base_params=FAST, meta_model="per_workload",
                       early_stopping_fraction=0).fit(frame)
+    _check_replay(frame, stack)
+
+
+def test_replayed_twin_reading_the_workload_cpu_matches_batch(sample_frame):
+    frame = with_workload_cpu(sample_frame)
+    stack = TwinStack(bases="detect_wcpu", base_params=FAST, meta_model="auto",
+                      mode="independent", early_stopping_fraction=0).fit(frame)
     _check_replay(frame, stack)
 
 

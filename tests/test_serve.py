@@ -172,3 +172,36 @@ def test_a_stream_carries_its_host_to_a_host_category_twin(tmp_path):
     np.testing.assert_allclose(served, expected, atol=1e-6)  # NaN where history is short
     beta = np.array([np.nan if r["prediction"] is None else r["prediction"] for r in other])
     assert np.nanmean(beta - served) > 2  # the same samples as host beta: the twin expects more
+
+
+def test_a_twin_that_reads_the_workload_cpu_gets_it_from_each_sample(tmp_path):
+    from cputwin import load_runs
+    from cputwin.live.stream import replay
+    from cputwin.pipeline import open_twin
+    from helpers import synthetic_run, write_run
+
+    files = [write_run(synthetic_run(n=300, cores=2, seed=i, t0=1e9 + 1e4 * i), tmp_path, f"r{i}")
+             for i in range(3)]
+    twin = tmp_path / "wcpu.cputwin"
+    train(files, twin, bases="detect_wcpu", mode="independent", max_rounds=30)
+    run = load_runs(files[0]).head(50)
+    keys = ["timestamp", "cpu_util_overall", "cpu_util_core_0", "cpu_util_core_1",
+            "workload_type", "workload_cpu_percent"]
+    samples = [dict(zip(keys, row, strict=True)) for row in run.select(keys).rows()]
+    stack, _, _ = open_twin(twin)
+    expected = replay(stack, run)
+    with serving(twin) as client:
+        got = client.post("/v1/streams/a/samples", json={"samples": samples})
+        assert got.status_code == 200, got.text
+        without = [{k: v for k, v in s.items() if k != "workload_cpu_percent"} for s in samples]
+        missing = client.post("/v1/streams/b/samples", json={"samples": without[:2]})
+        too_much = client.post("/v1/predict", json={"rows": [samples[0] | {
+            "workload_cpu_percent": 250.0}]})
+        batch = client.post("/v1/predict", json={"rows": samples})
+    served = np.array([np.nan if r["prediction"] is None else r["prediction"]
+                       for r in got.json()["results"]])
+    np.testing.assert_allclose(served, expected, atol=1e-6)  # NaN where history is short
+    assert missing.status_code == 422
+    assert "missing 'workload_cpu_percent'" in missing.json()["detail"]
+    assert too_much.status_code == 422 and "above 200" in too_much.json()["detail"]
+    assert batch.status_code == 200, batch.text

@@ -46,7 +46,8 @@ DaskOpt = Annotated[str | None, typer.Option(
 HostCategoryOpt = Annotated[bool, typer.Option(
     "--host-category", help="One twin over all hosts, each host a one-hot category.")]
 BasesOpt = Annotated[str, typer.Option(
-    help="Base models: a preset (twin, seed, portable, detect) or a comma-separated list of bases.")]
+    help="Base models: a preset (twin, seed, portable, detect, detect_wcpu) or a "
+         "comma-separated list of bases.")]
 ModeOpt = Annotated[str, typer.Option(
     help="sensor: may read all but the target core; independent: nothing containing it.")]
 MetaOpt = Annotated[str | None, typer.Option(
@@ -353,6 +354,9 @@ def watch(
         help="Write telemetry, predictions, scores and alarms to parquet in this folder.")] = None,
     events: Annotated[Path | None, typer.Option(
         help="Append each alarm raise/clear to this file as a JSON line.")] = None,
+    pid: Annotated[int | None, typer.Option(
+        help="The workload's process (children included), for a twin that reads the "
+             "workload's own CPU use (e.g. --bases detect_wcpu).", min=1)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Sample this machine live, predict the twin's core every tick, raise alarms."""
@@ -391,7 +395,8 @@ def watch(
         if live:
             live.start()
         try:
-            summary = run_watch(stack, detector, show, workload, rate, seconds, record, events)
+            summary = run_watch(stack, detector, show, workload, rate, seconds, record, events,
+                                pid)
         finally:
             if live:
                 live.stop()

@@ -23,10 +23,18 @@ import polars as pl
 from cputwin.errors import FeatureError
 from cputwin.features.spec import FeatureSpec
 from cputwin.telemetry.ingest import DataWarning, schema_of
-from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, TIMESTAMP, WORKLOAD
+from cputwin.telemetry.schema import (
+    HOST,
+    OVERALL,
+    RUN_COLUMN,
+    TIMESTAMP,
+    WORKLOAD,
+    WORKLOAD_CPU,
+)
 
 PHYSICS_COLUMNS = ("physics_estimate", "physics_clipped")
 STATS_COLUMNS = ("others_mean", "others_std", "others_min", "others_max")
+WORKLOAD_EXCESS = "workload_excess"
 # Window statistics are rounded to this many decimals on both paths: a running sum (batch)
 # and a fresh sum (online) differ in the last bits, and a tree split learned between two
 # such twins of one value would send the two paths different ways.
@@ -100,6 +108,8 @@ def resolve_group(group: str, target: str, cores: list[str] | tuple[str, ...]) -
         return list(STATS_COLUMNS)
     if group == "others_sorted":
         return [f"others_rank_{i}" for i in range(1, len(cores))]
+    if group == "workload_cpu":
+        return [WORKLOAD_CPU, WORKLOAD_EXCESS]
     return [c for c in cores if c != target]
 
 
@@ -109,19 +119,25 @@ def derived_names(spec: FeatureSpec, n_cores: int) -> list[str]:
     return [*(PHYSICS_COLUMNS if "physics" in groups else ()),
             *(STATS_COLUMNS if "others_stats" in groups else ()),
             *([f"others_rank_{i}" for i in range(1, n_cores)] if "others_sorted" in groups
-              else ())]
+              else ()),
+            *((WORKLOAD_EXCESS,) if "workload_cpu" in groups else ())]
 
 
-def derive(overall: np.ndarray, others: np.ndarray, n_cores: int) -> dict[str, np.ndarray]:
+def derive(overall: np.ndarray, others: np.ndarray, n_cores: int,
+           workload_cpu: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Columns computed from one sample, for any number of rows (batch) or one (online).
 
     The overall load is (close to) the mean of all N cores, so N × overall − Σ others
-    estimates the target from what the machine reports without it.
-    overall: (rows,); others: (rows, n_cores - 1).
+    estimates the target from what the machine reports without it. Likewise the part of
+    the workload's own CPU use that the other cores cannot hold must be on the target.
+    overall: (rows,); others: (rows, n_cores - 1); workload_cpu: (rows,), NaN where unknown.
     """
     rows = overall.shape[0]
-    physics = n_cores * overall - others.sum(axis=1)
+    total_others = others.sum(axis=1)
+    physics = n_cores * overall - total_others
     out = {"physics_estimate": physics, "physics_clipped": np.clip(physics, 0.0, 100.0)}
+    if workload_cpu is not None:
+        out[WORKLOAD_EXCESS] = np.clip(workload_cpu - total_others, 0.0, 100.0)
     if others.shape[1] == 0:
         zero = np.zeros(rows)
         out.update(others_mean=zero, others_std=zero, others_min=zero, others_max=zero)
@@ -213,10 +229,34 @@ def with_derived(frame: pl.DataFrame, compiled: CompiledSpec) -> pl.DataFrame:
     """The frame plus the derived columns the compiled spec reads."""
     if not compiled.derived:
         return frame
+    workload_cpu = None
+    if compiled.spec.reads_workload_cpu:
+        frame = frame.with_columns(
+            workload_cpu_column(frame, f"feature set {compiled.spec.name!r}"))
+        workload_cpu = frame[WORKLOAD_CPU].to_numpy()
     others = [c for c in compiled.cores if c != compiled.target]
     matrix = frame.select(others).to_numpy() if others else np.zeros((frame.height, 0))
-    values = derive(frame[OVERALL].to_numpy(), matrix, len(compiled.cores))
+    values = derive(frame[OVERALL].to_numpy(), matrix, len(compiled.cores), workload_cpu)
     return frame.with_columns([pl.Series(name, values[name]) for name in compiled.derived])
+
+
+def workload_cpu_column(frame: pl.DataFrame, reader: str) -> pl.Series:
+    """The workload's CPU use as floats, a missing reading (null or NaN) as null.
+
+    Null, not NaN: a Polars window over a null is null, as the online path's window over a
+    NaN is NaN, and both reach the matrix as NaN (a missing value to LightGBM). A frame
+    with no reading at all (the seed's data, or runs recorded before the collector
+    measured it) cannot feed such a spec: that is an error, not a column of NaN.
+    """
+    column = (frame[WORKLOAD_CPU].cast(pl.Float64).fill_nan(None)
+              if WORKLOAD_CPU in frame.columns else None)
+    if column is None or (frame.height and column.null_count() == frame.height):
+        raise FeatureError(
+            f"{reader} reads {WORKLOAD_CPU!r} (the labelled workload's own "
+            "CPU use, recorded by `cputwin collect`), which this data does not have; "
+            "the seed's data has none"
+        )
+    return column
 
 
 def build_features(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from cputwin.features.engine import WINDOW_DECIMALS, CompiledSpec, derive
-from cputwin.telemetry.schema import OVERALL
+from cputwin.telemetry.schema import OVERALL, WORKLOAD_CPU
 
 
 class OnlineFeatures:
@@ -30,8 +30,9 @@ class OnlineFeatures:
         self.target_index = compiled.cores.index(compiled.target)
         self.n_cores = len(compiled.cores)
         self.derived = list(compiled.derived)
-        # a sample's values as [cores..., overall, derived...]; sources index into that
-        columns = [*compiled.cores, OVERALL, *self.derived]
+        # a sample's values as [cores..., overall, workload cpu, derived...]; sources index
+        # into that
+        columns = [*compiled.cores, OVERALL, WORKLOAD_CPU, *self.derived]
         self.source_index = np.array([columns.index(s) for s in sources], dtype=int)
         ops = compiled.ops
         n = len(ops)
@@ -56,31 +57,37 @@ class OnlineFeatures:
             ))
         self.onehot = [(i, op.source) for i, op in enumerate(ops) if op.kind == "onehot"]
         self.host_onehot = [(i, op.source) for i, op in enumerate(ops) if op.kind == "host"]
-        self._values = np.zeros(self.n_cores + 1)  # [cores..., overall] of the latest sample
+        # [cores..., overall, workload cpu] of the latest sample
+        self._values = np.zeros(self.n_cores + 2)
 
     def reset(self) -> None:
         self.count = 0
 
-    def _row(self, cores: np.ndarray, overall: float,
+    def _row(self, cores: np.ndarray, overall: float, workload_cpu: float,
              derived: dict[str, np.ndarray] | None) -> np.ndarray:
         """The source columns' values for one sample, in `sources` order."""
         if not self.derived:
-            self._values[:-1] = cores
-            self._values[-1] = overall
+            self._values[:-2] = cores
+            self._values[-2] = overall
+            self._values[-1] = workload_cpu
             return self._values.take(self.source_index)
         if derived is None:
-            derived = derive_sample(cores, overall, self.target_index, self.n_cores)
-        values = np.concatenate((cores, (overall,), [derived[s][0] for s in self.derived]))
+            derived = derive_sample(cores, overall, self.target_index, self.n_cores,
+                                    workload_cpu)
+        values = np.concatenate((cores, (overall, workload_cpu),
+                                 [derived[s][0] for s in self.derived]))
         return values[self.source_index]
 
     def update(self, cores: np.ndarray, overall: float, workload: str, host: str = "",
-               derived: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
+               derived: dict[str, np.ndarray] | None = None,
+               workload_cpu: float = float("nan")) -> np.ndarray | None:
         """Push one sample; return its feature vector, or None while history is short.
 
         derived: `derive_sample` of this sample, when the caller feeds several specs of
-        one target (a stack's bases) and computes it once for all of them."""
+        one target (a stack's bases) and computes it once for all of them.
+        workload_cpu: the workload's own CPU use (NaN where unknown), for specs that read it."""
         head = self.count % self.length
-        self.ring[head] = self._row(cores, overall, derived)
+        self.ring[head] = self._row(cores, overall, workload_cpu, derived)
         self.count += 1
         if self.count <= self.history:
             return None
@@ -100,7 +107,8 @@ class OnlineFeatures:
         return x
 
 
-def derive_sample(cores: np.ndarray, overall: float, target_index: int,
-                  n_cores: int) -> dict[str, np.ndarray]:
+def derive_sample(cores: np.ndarray, overall: float, target_index: int, n_cores: int,
+                  workload_cpu: float = float("nan")) -> dict[str, np.ndarray]:
     """`derive` of one sample (the batch path's function, on a one-row batch)."""
-    return derive(np.array([overall]), np.delete(cores, target_index)[None, :], n_cores)
+    return derive(np.array([overall]), np.delete(cores, target_index)[None, :], n_cores,
+                  np.array([workload_cpu], dtype=float))

@@ -11,7 +11,14 @@ import pandas as pd
 
 from cputwin.features.engine import resolve_group
 from cputwin.features.spec import FeatureSpec
-from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, WORKLOAD, core_columns_in
+from cputwin.telemetry.schema import (
+    HOST,
+    OVERALL,
+    RUN_COLUMN,
+    WORKLOAD,
+    WORKLOAD_CPU,
+    core_columns_in,
+)
 
 
 def _window(values: pd.Series, w: int, stat: str) -> np.ndarray:
@@ -34,7 +41,12 @@ def reference_derived(df: pd.DataFrame, target: str, cores: list[str]) -> dict[s
     empty = others.shape[1] == 0
     stat = (lambda f: np.zeros(len(df))) if empty else (lambda f: f(others, axis=1))
     ranked = -np.sort(-others, axis=1)
+    own = {}
+    if WORKLOAD_CPU in df.columns:
+        cpu = df[WORKLOAD_CPU].to_numpy(dtype=float, na_value=np.nan)
+        own = {WORKLOAD_CPU: cpu, "workload_excess": np.clip(cpu - others.sum(axis=1), 0.0, 100.0)}
     return {
+        **own,
         **{f"others_rank_{i + 1}": ranked[:, i] for i in range(others.shape[1])},
         "physics_estimate": physics,
         "physics_clipped": np.clip(physics, 0.0, 100.0),

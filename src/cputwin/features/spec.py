@@ -13,6 +13,10 @@ Groups (those marked * carry the target's own signal, see `TARGET_CARRYING`):
     others_stats   mean, std, min, max of the other cores (independent of core count)
     others_sorted  the other cores' values in descending order (rank 1 = busiest): the same
                    meaning whichever core is the target, so one model can learn from all
+    workload_cpu   the labelled workload's own CPU use (workload_cpu_percent, recorded by the
+                   collector) and its share the other cores cannot hold,
+                   clip(workload CPU − Σ other cores, 0, 100): the workload on the target.
+                   A hidden process is not in it, so an anomaly twin may read it
 
 Modes: a `sensor` twin stands in for a missing sensor and may read anything measured
 except the target core; an `independent` twin (for anomaly detection) may not read
@@ -26,9 +30,9 @@ from typing import Any
 
 from cputwin.errors import FeatureError
 
-GROUPS = ("overall", "physics", "other_cores", "others_stats", "others_sorted")
+GROUPS = ("overall", "physics", "other_cores", "others_stats", "others_sorted", "workload_cpu")
 TARGET_CARRYING = frozenset({"overall", "physics"})
-PORTABLE_GROUPS = frozenset({"overall", "physics", "others_stats"})
+PORTABLE_GROUPS = frozenset({"overall", "physics", "others_stats", "workload_cpu"})
 POOLABLE_GROUPS = PORTABLE_GROUPS | {"others_sorted"}
 WINDOW_STATS = ("mean", "std")
 MODES = ("sensor", "independent")
@@ -83,6 +87,11 @@ class FeatureSpec:
     @property
     def groups(self) -> set[str]:
         return {*self.current, *self.lags, *self.windows}
+
+    @property
+    def reads_workload_cpu(self) -> bool:
+        """True when the spec needs the workload_cpu_percent column (the seed has none)."""
+        return "workload_cpu" in self.groups
 
     @property
     def portable(self) -> bool:
@@ -180,8 +189,18 @@ POOLED = FeatureSpec(
     windows=RICH.windows,
 )
 
+# POOLED plus the workload's own CPU use: where the expected load is, for anomaly twins.
+# Per tick the reading is coarse (the kernel counts CPU time in 10 ms steps: ±10 points at
+# 10 Hz), hence its short windows.
+POOLED_WCPU = FeatureSpec(
+    name="pooled_wcpu",
+    current=(*POOLED.current, "workload_cpu"),
+    lags={**POOLED.lags, "workload_cpu": (1, 2, 3)},
+    windows={**RICH.windows, "workload_cpu": ((3, "mean"), (5, "mean"), (10, "mean"))},
+)
+
 BUILTIN_SPECS: dict[str, FeatureSpec] = {
-    s.name: s for s in (V2_0, V2_3, PHYSICS, RICH, PORTABLE, POOLED)
+    s.name: s for s in (V2_0, V2_3, PHYSICS, RICH, PORTABLE, POOLED, POOLED_WCPU)
 }
 
 

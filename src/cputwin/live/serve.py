@@ -36,21 +36,24 @@ from starlette.routing import Match, Route
 
 from cputwin.errors import CputwinError
 from cputwin.telemetry.ingest import check_run
-from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, WORKLOAD
+from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, WORKLOAD, WORKLOAD_CPU
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class Sample(BaseModel):
     """One telemetry sample: timestamp, overall and per-core utilisation (cpu_util_core_<i>
-    for every core of the twin's machine), workload label, and the host (read by a twin
-    trained with --host-category; a stream's host is its first sample's)."""
+    for every core of the twin's machine), workload label, the host (read by a twin
+    trained with --host-category; a stream's host is its first sample's) and the workload's
+    own CPU use in percent of one core (required by a twin that reads it, e.g. the
+    detect_wcpu preset; null: not measured for this sample)."""
 
     model_config = ConfigDict(extra="allow")
     timestamp: float
     cpu_util_overall: float = Field(ge=0, le=100)
     workload_type: str = Field(min_length=1, max_length=200)
     host: str = Field(default="", max_length=200)
+    workload_cpu_percent: float | None = Field(default=None, ge=0)
 
 
 class Rows(BaseModel):
@@ -168,12 +171,29 @@ def _stream_rows(samples: list[Sample], n_cores: int) -> np.ndarray:
     return out
 
 
-def _frame(samples: list[Sample], n_cores: int) -> pl.DataFrame:
+def _check_workload_cpu(samples: list[Sample], n_cores: int, required: bool) -> None:
+    """The workload's CPU use is at most every core busy, and given where the twin reads it
+    (null, a reading that failed, is a missing value to the models; a field left out is an
+    error: a client that never sends it would get answers, all of them wrong)."""
+    for i, sample in enumerate(samples):
+        own = sample.workload_cpu_percent
+        if required and "workload_cpu_percent" not in sample.model_fields_set:
+            raise CputwinError(f"sample {i}: missing {WORKLOAD_CPU!r}, the workload's own "
+                               "CPU use, which this twin reads")
+        if own is not None and own > 100 * n_cores:
+            raise CputwinError(f"sample {i}: {WORKLOAD_CPU} = {own} is above "
+                               f"{100 * n_cores} ({n_cores} cores fully busy)")
+
+
+def _frame(samples: list[Sample], n_cores: int, needs_workload_cpu: bool) -> pl.DataFrame:
     """Samples as a checked telemetry frame: the stream checks, then the ingest checks."""
     values = _stream_rows(samples, n_cores)
+    _check_workload_cpu(samples, n_cores, needs_workload_cpu)
     data = {"timestamp": [s.timestamp for s in samples],
             OVERALL: [s.cpu_util_overall for s in samples],
             **{f"cpu_util_core_{i}": values[:, i] for i in range(n_cores)},
+            WORKLOAD_CPU: pl.Series([s.workload_cpu_percent for s in samples],
+                                    dtype=pl.Float64),
             WORKLOAD: [s.workload_type for s in samples]}
     frame = check_run(pl.DataFrame(data), "request")
     return frame.with_columns(pl.Series(HOST, [s.host for s in samples]))
@@ -256,6 +276,7 @@ async def stream_samples(request: Request) -> Response:
     app_state = request.app.state
     n_cores = app_state.stack.schema_.n_cores
     cores = _stream_rows(body.samples, n_cores)  # validates before any state changes
+    _check_workload_cpu(body.samples, n_cores, app_state.streams.twin.reads_workload_cpu)
     if len(stream_id) > 200:
         raise HTTPException(422, "stream id longer than 200 characters")
     entry = app_state.streams.get(stream_id, body.samples[0].host)
@@ -274,7 +295,8 @@ def _step(stream, samples: list[Sample], cores: np.ndarray, metrics: Metrics) ->
     """Feed checked samples to a stream; the verdict of each, as the JSON answer holds it."""
     results = []
     for i, sample in enumerate(samples):
-        tick = stream.update(cores[i], sample.cpu_util_overall, sample.workload_type)
+        tick = stream.update(cores[i], sample.cpu_util_overall, sample.workload_type,
+                             sample.workload_cpu_percent)
         metrics.alarms += tick.event == "raise"
         results.append({"timestamp": sample.timestamp, "prediction": tick.prediction,
                         "residual": tick.residual, "score": tick.score,
@@ -336,7 +358,8 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
     @app.post("/v1/predict")
     def predict(body: Rows, request: Request) -> Prediction:
         stack = request.app.state.stack
-        frame = _frame(body.rows, stack.schema_.n_cores).with_columns(
+        needs = request.app.state.streams.twin.reads_workload_cpu
+        frame = _frame(body.rows, stack.schema_.n_cores, needs).with_columns(
             pl.lit("request").alias(RUN_COLUMN))
         pred = stack.predict(frame)
         return Prediction(target=stack.target, mode=stack.mode,

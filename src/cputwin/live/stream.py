@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from cputwin.errors import DataError
-from cputwin.features.engine import compile_spec
+from cputwin.features.engine import compile_spec, workload_cpu_column
 from cputwin.features.online import OnlineFeatures, derive_sample
 from cputwin.live.detector import Detector
 from cputwin.models import TwinStack
@@ -55,6 +55,8 @@ class OnlineTwin:
                                       stack.hosts_)
                          for spec in stack.base_specs_]
         self.names = [b.name for b in stack.base_specs_]
+        # whether samples must carry the workload's own CPU use (workload_cpu_percent)
+        self.reads_workload_cpu = any(b.features.reads_workload_cpu for b in stack.base_specs_)
         for base in stack.bases_:
             base.prepare_online(compiled_trees)
 
@@ -75,12 +77,16 @@ class TwinStream:
         self.meta = twin.stack.meta_
         self.watch = twin.detector.stream() if twin.detector is not None else None
 
-    def update(self, cores: np.ndarray, overall: float, workload: str) -> Tick:
+    def update(self, cores: np.ndarray, overall: float, workload: str,
+               workload_cpu: float | None = None) -> Tick:
         """Push one sample: all cores' utilisation (the target's is not read), the overall
-        utilisation and the workload label."""
-        derived = (derive_sample(cores, overall, self.target_index, len(cores))
+        utilisation, the workload label and, for a twin that reads it, the workload's own
+        CPU use (None: not measured this tick, a missing value to the models)."""
+        own = float("nan") if workload_cpu is None else float(workload_cpu)
+        derived = (derive_sample(cores, overall, self.target_index, len(cores), own)
                    if self.needs_derived else None)
-        vectors = [f.update(cores, overall, workload, self.host, derived) for f in self.features]
+        vectors = [f.update(cores, overall, workload, self.host, derived, own)
+                   for f in self.features]
         if any(v is None for v in vectors):
             return Tick(None, None)
         preds = np.array([base.predict_one(x)
@@ -103,12 +109,14 @@ def replay(stack: TwinStack, frame: pl.DataFrame) -> np.ndarray:
     workloads = frame[WORKLOAD].to_list()
     runs = frame[RUN_COLUMN].to_list()
     hosts = frame[HOST].to_list() if HOST in frame.columns else [""] * frame.height
+    own = (workload_cpu_column(frame, "this twin").to_numpy() if twin.reads_workload_cpu
+           else np.full(frame.height, np.nan))
     out = np.full(frame.height, np.nan)
     stream, current = None, None
     for i in range(frame.height):
         if runs[i] != current:
             stream, current = twin.stream(hosts[i]), runs[i]
-        tick = stream.update(cores[i], overall[i], workloads[i])
+        tick = stream.update(cores[i], overall[i], workloads[i], own[i])
         if tick.prediction is not None:
             out[i] = tick.prediction
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pyarrow as pa
 
 from cputwin.errors import DataError
@@ -24,7 +25,7 @@ from cputwin.live.detector import Detector
 from cputwin.live.stream import OnlineTwin, Tick
 from cputwin.models import TwinStack
 from cputwin.telemetry.collector import PartWriter, Sampler, merge_parts, ticks
-from cputwin.telemetry.schema import OVERALL, TIMESTAMP, WORKLOAD
+from cputwin.telemetry.schema import OVERALL, TIMESTAMP, WORKLOAD, WORKLOAD_CPU
 
 RECORD_FIELDS = ("prediction", "residual", "score", "alarm")
 
@@ -61,14 +62,21 @@ def watch(
     seconds: float | None = None,
     record: Path | None = None,
     events: Path | None = None,
+    workload_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Sample this machine until `seconds` pass or KeyboardInterrupt; returns a summary."""
-    sampler = Sampler()
+    """Sample this machine until `seconds` pass or KeyboardInterrupt; returns a summary.
+
+    workload_pid: the process (with its children) whose CPU use is the workload's, for a
+    twin that reads it; required by such a twin."""
+    sampler = _sampler(workload_pid)
     if sampler.schema.n_cores != stack.schema_.n_cores and not stack.portable_:
         raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, this machine "
                         f"has {sampler.schema.n_cores}")
-    stream = OnlineTwin(stack, n_cores=sampler.schema.n_cores,
-                        detector=detector).stream(socket.gethostname())
+    twin = OnlineTwin(stack, n_cores=sampler.schema.n_cores, detector=detector)
+    if twin.reads_workload_cpu and workload_pid is None:
+        raise DataError("this twin reads the workload's own CPU use: give the pid of the "
+                        "workload's process (watch --pid)")
+    stream = twin.stream(socket.gethostname())
     cores = sampler.schema.core_columns
     recorder = Recorder(record, sampler) if record else None
     event_file = open(events, "a", encoding="utf-8") if events else None  # noqa: SIM115
@@ -78,7 +86,8 @@ def watch(
     try:
         for _ in ticks(rate, n_ticks):
             row = sampler.sample(workload)
-            tick = stream.update(np.array([row[c] for c in cores]), row[OVERALL], workload)
+            tick = stream.update(np.array([row[c] for c in cores]), row[OVERALL], workload,
+                                 row[WORKLOAD_CPU])
             summary["ticks"] += 1
             if tick.event == "raise":
                 summary["alarms"] += 1
@@ -101,5 +110,14 @@ def watch(
         if recorder:
             summary["record"] = str(recorder.close({
                 "watch": True, "target": stack.target, "mode": stack.mode, "rate_hz": rate,
-                "workload": workload}))
+                "workload": workload, "workload_pid": workload_pid}))
     return summary
+
+
+def _sampler(workload_pid: int | None) -> Sampler:
+    try:
+        return Sampler(workload_pid)
+    except psutil.NoSuchProcess:
+        raise DataError(f"no process with pid {workload_pid}") from None
+    except psutil.AccessDenied:
+        raise DataError(f"not allowed to read the CPU times of pid {workload_pid}") from None

@@ -48,8 +48,9 @@ class TwinStack(RegressorMixin, BaseEstimator):
 
     Parameters
     ----------
-    bases : a preset ("seed", "twin", "portable", "detect") or a list of built-in base names /
-        `BaseSpec` objects, one base model each. The default is the seed's two sets.
+    bases : a preset ("seed", "twin", "portable", "detect", "detect_wcpu") or a list of
+        built-in base names / `BaseSpec` objects, one base model each. The default is the
+        seed's two sets. detect_wcpu reads the workload's own CPU use (workload_cpu_percent).
     target : the core column to twin.
     mode : "sensor" (may read everything but the target core) or "independent" (may read
         nothing that contains the target: no overall load, no physics estimate).
