@@ -73,7 +73,8 @@ class OnlineFeatures:
             return self._values.take(self.source_index)
         if derived is None:
             derived = derive_sample(cores, overall, self.target_index, self.n_cores,
-                                    workload_cpu)
+                                    workload_cpu if self.compiled.spec.reads_workload_cpu
+                                    else None)
         values = np.concatenate((cores, (overall, workload_cpu),
                                  [derived[s][0] for s in self.derived]))
         return values[self.source_index]
@@ -108,7 +109,9 @@ class OnlineFeatures:
 
 
 def derive_sample(cores: np.ndarray, overall: float, target_index: int, n_cores: int,
-                  workload_cpu: float = float("nan")) -> dict[str, np.ndarray]:
-    """`derive` of one sample (the batch path's function, on a one-row batch)."""
-    return derive(np.array([overall]), np.delete(cores, target_index)[None, :], n_cores,
-                  np.array([workload_cpu], dtype=float))
+                  workload_cpu: float | None = None) -> dict[str, np.ndarray]:
+    """`derive` of one sample (the batch path's function, on a one-row batch).
+
+    workload_cpu: None when no spec of the caller reads it (its column is then not derived)."""
+    own = None if workload_cpu is None else np.array([workload_cpu], dtype=float)
+    return derive(np.array([overall]), np.delete(cores, target_index)[None, :], n_cores, own)

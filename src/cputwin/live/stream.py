@@ -83,7 +83,8 @@ class TwinStream:
         utilisation, the workload label and, for a twin that reads it, the workload's own
         CPU use (None: not measured this tick, a missing value to the models)."""
         own = float("nan") if workload_cpu is None else float(workload_cpu)
-        derived = (derive_sample(cores, overall, self.target_index, len(cores), own)
+        derived = (derive_sample(cores, overall, self.target_index, len(cores),
+                                 own if self.twin.reads_workload_cpu else None)
                    if self.needs_derived else None)
         vectors = [f.update(cores, overall, workload, self.host, derived, own)
                    for f in self.features]
