@@ -25,8 +25,26 @@ FAST = {name: {"n_estimators": 30} for name in BUILTIN_BASES}
 
 def test_hysteresis_raises_after_k_high_and_clears_after_k_low():
     logic = Hysteresis(threshold=2.0, raise_ticks=3, clear_ticks=2)
-    events = [logic.step(s) for s in [3, 3, 0, 3, 3, 3, 3, 1.5, 0.5, 0.5, 0.5]]
-    assert events == [None, None, None, None, None, "raise", None, None, None, "clear", None]
+    events = [logic.step(s) for s in [3, 3, 0, 3, 3, 3, 3, 2.5, 1.5, 3, 1.5, 1.5, 0.5]]
+    assert events == [None] * 5 + ["raise"] + [None] * 5 + ["clear", None]
+
+
+def test_a_clear_level_under_the_threshold_keeps_an_alarm_up_through_normal_noise():
+    # Scores that hover at 1.2–1.8 under a threshold of 2 are normal operation: at the
+    # threshold the alarm clears there; at half of it, it stays up into the next event.
+    hover = [1.2, 1.8, 1.5, 1.3, 1.7, 1.4] * 3
+    for level, cleared in ((1.0, True), (0.5, False)):
+        logic = Hysteresis(threshold=2.0, raise_ticks=3, clear_ticks=10, clear_level=level)
+        events = [logic.step(s) for s in [3, 3, 3, *hover]]
+        assert events[2] == "raise" and ("clear" in events) is cleared
+
+
+def test_twins_saved_before_the_clear_level_keep_clearing_at_half():
+    det = Detector(threshold=2.0)
+    old = det.to_dict()
+    del old["clear_level"]
+    assert Detector.from_dict(old).clear_level == 0.5
+    assert Detector.from_dict(det.to_dict()) == det
 
 
 def test_threshold_meets_the_stated_false_alarm_rate():

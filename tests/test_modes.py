@@ -11,7 +11,13 @@ from cputwin.errors import ModelError
 from cputwin.features import BUILTIN_SPECS, build_features
 from cputwin.features.spec import TARGET_CARRYING
 from cputwin.models.base import BUILTIN_BASES, BaseSpec
-from cputwin.models.meta import GLOBAL, META_KINDS, choose_meta, fit_meta
+from cputwin.models.meta import (
+    GLOBAL,
+    META_KINDS,
+    _nnls_with_intercept,
+    choose_meta,
+    fit_meta,
+)
 from helpers import synthetic_run
 
 FAST_ALL = {name: {"n_estimators": 30} for name in BUILTIN_BASES}
@@ -92,6 +98,28 @@ def test_every_meta_kind_fits_and_predicts(kind):
         assert all((w >= 0).all() for w in meta.weights.values())
     if kind == "per_workload":
         assert set(meta.weights) == {GLOBAL, "a", "b", "c"}
+
+
+def test_a_per_workload_meta_model_keeps_following_its_bases():
+    """Session 6's missed hidden processes: in training, a single-threaded job sat on the
+    target core, so that workload's target was 100 on every out-of-fold row. Free weights
+    fit it as weights 0 and intercept 100, and the twin then said 100 whatever the bases
+    said after the scheduler moved the job; weights summing to 1 keep it on the bases."""
+    rng = np.random.default_rng(0)
+    y = np.concatenate([rng.uniform(0, 100, 300), np.full(300, 100.0)])
+    P = np.column_stack([y + rng.normal(0, s, 600) for s in (2, 4)])
+    wl = np.array(["mixed"] * 300 + ["single"] * 300)
+    meta = fit_meta("per_workload", ["a", "b"], P, y, wl)
+    for group, w in meta.weights.items():
+        assert (w >= 0).all()
+        if group != GLOBAL:
+            assert w.sum() == pytest.approx(1.0)
+    moved = np.array([[7.0, 9.0]])  # the bases see the job gone from the target core
+    assert meta.predict(moved, np.array(["single"]))[0] < 15
+    assert meta.predict_one(moved[0], "single") < 15
+    single = wl == "single"
+    w, b = _nnls_with_intercept(P[single], y[single])  # free weights: a constant
+    assert w @ moved[0] + b > 90
 
 
 def test_auto_prefers_the_simplest_meta_model_when_none_is_clearly_better():

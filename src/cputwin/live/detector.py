@@ -7,7 +7,7 @@ per workload where a workload has enough of them:
                                                       the scale floored at a reading's rounding)
     score  = EWMA of z with weight `alpha`            smooths 100 ms noise
     alarm  raised after `raise_ticks` ticks with score > `threshold`,
-           cleared after `clear_ticks` ticks with score < `threshold` / 2 (hysteresis)
+           cleared after `clear_ticks` ticks with score < `clear_level` × `threshold`
 
 `threshold` is the higher of two: the lowest value at which replaying the out-of-fold
 residuals through the same alarm logic raises no more than `false_alarms_per_hour` alarms,
@@ -47,6 +47,12 @@ class Detector:
     clear_ticks: int = 10
     false_alarms_per_hour: float = 1.0
     two_sided: bool = False
+    # Hysteresis is in time (5 ticks to raise, 10 to clear, on a smoothed score). A clear
+    # level under the threshold also asked the score to fall below normal: with a low
+    # threshold (1.8) that level (0.9) sits inside normal operation when the twin's bias on
+    # new runs differs from its out-of-fold bias by ~1 z, and the alarm of one hidden
+    # process stayed up into the next (session 6: 3 of 30 injections missed that way).
+    clear_level: float = 1.0
     centre: dict[str, float] = field(default_factory=dict)
     scale: dict[str, float] = field(default_factory=dict)
     threshold: float = float("inf")
@@ -74,14 +80,16 @@ class Detector:
         self.threshold = max(observed, extrapolated)
         self.calibration = {"rows": int(residuals.size), "hours": hours,
                             "false_alarms": count_raises(scores, bounds, self.threshold,
-                                                         self.raise_ticks, self.clear_ticks),
+                                                         self.raise_ticks, self.clear_ticks,
+                                                         self.clear_level),
                             "observed_threshold": observed, **tail}
         return self
 
     def _lowest_threshold(self, scores: np.ndarray, bounds: np.ndarray, hours: float) -> float:
         """The lowest threshold whose replay of the calibration scores stays within the rate."""
         for t in np.unique(np.quantile(scores, np.linspace(0.5, 1.0, 201))):
-            if count_raises(scores, bounds, t, self.raise_ticks, self.clear_ticks) / hours \
+            if count_raises(scores, bounds, t, self.raise_ticks, self.clear_ticks,
+                            self.clear_level) / hours \
                     <= self.false_alarms_per_hour:
                 return float(t)
         return float(scores.max() + 1.0)
@@ -104,15 +112,18 @@ class Detector:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Detector:
-        return cls(**data)
+        # twins saved before `clear_level` existed were calibrated clearing at half
+        return cls(**{"clear_level": 0.5, **data})
 
 
 class Hysteresis:
     """The alarm logic: raise after `raise_ticks` scores above `threshold`, clear after
-    `clear_ticks` scores below half of it. Used live and to calibrate the threshold."""
+    `clear_ticks` scores below `clear_level` × `threshold`. Used live and to calibrate."""
 
-    def __init__(self, threshold: float, raise_ticks: int, clear_ticks: int) -> None:
+    def __init__(self, threshold: float, raise_ticks: int, clear_ticks: int,
+                 clear_level: float = 1.0) -> None:
         self.threshold, self.raise_ticks, self.clear_ticks = threshold, raise_ticks, clear_ticks
+        self.clear_below = threshold * clear_level
         self.alarm, self.high, self.low = False, 0, 0
 
     def step(self, score: float) -> str | None:
@@ -122,7 +133,7 @@ class Hysteresis:
                 self.alarm, self.low = True, 0
                 return "raise"
         else:
-            self.low = self.low + 1 if score < self.threshold / 2 else 0
+            self.low = self.low + 1 if score < self.clear_below else 0
             if self.low >= self.clear_ticks:
                 self.alarm, self.high = False, 0
                 return "clear"
@@ -130,12 +141,12 @@ class Hysteresis:
 
 
 def count_raises(scores: np.ndarray, segment_starts: np.ndarray, threshold: float,
-                 raise_ticks: int, clear_ticks: int) -> int:
+                 raise_ticks: int, clear_ticks: int, clear_level: float = 1.0) -> int:
     """How many alarms the hysteresis logic raises on these scores (fresh at each segment)."""
     count, logic = 0, None
     for s, start in zip(scores, segment_starts, strict=True):
         if start or logic is None:
-            logic = Hysteresis(threshold, raise_ticks, clear_ticks)
+            logic = Hysteresis(threshold, raise_ticks, clear_ticks, clear_level)
         count += logic.step(s) == "raise"
     return count
 
@@ -207,7 +218,8 @@ class DetectorState:
     def __init__(self, detector: Detector) -> None:
         self.d = detector
         self.ewma: float | None = None
-        self.logic = Hysteresis(detector.threshold, detector.raise_ticks, detector.clear_ticks)
+        self.logic = Hysteresis(detector.threshold, detector.raise_ticks, detector.clear_ticks,
+                                detector.clear_level)
 
     def smooth(self, z: float) -> float:
         self.ewma = z if self.ewma is None else self.d.alpha * z + (1 - self.d.alpha) * self.ewma

@@ -9,7 +9,12 @@ blocks, score on the next), never by the test period.
     best          the single base with the lowest out-of-fold error
     average       equal weights
     top_mean      equal weights on the k bases with the lowest error, k chosen on the fit rows
-    per_workload  non-negative weights fitted per workload (global weights for others)
+    per_workload  non-negative weights fitted per workload (global weights for others); a
+                  workload's weights sum to 1 and it adds its own intercept, so the twin
+                  still follows its bases there: were they free, a workload whose target
+                  sat still through training (a single-threaded job the scheduler kept on
+                  the target core) fits weights 0 and a constant, and the twin would go on
+                  predicting that constant after the job moved to another core
 """
 
 from __future__ import annotations
@@ -75,6 +80,17 @@ def _nnls_with_intercept(P: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, floa
     return w[:-2], float(w[-2] - w[-1])
 
 
+def _convex_with_intercept(P: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weights ≥ 0 summing to 1, and a free intercept: least squares on centred columns,
+    the sum held by a heavily weighted extra row, then normalised exactly."""
+    Pc, yc = P - P.mean(axis=0), y - y.mean()
+    heavy = 1e3 * max(1.0, float(np.sqrt((Pc**2).sum())))
+    A = np.vstack([Pc, np.full(P.shape[1], heavy)])
+    w, _ = nnls(A, np.append(yc, heavy))
+    w = w / w.sum() if w.sum() > 0 else np.full(P.shape[1], 1.0 / P.shape[1])
+    return w, float(y.mean() - P.mean(axis=0) @ w)
+
+
 def fit_meta(kind: str | Any, names: list[str], P: np.ndarray, y: np.ndarray,
              workloads: np.ndarray) -> LinearMeta:
     """Fit one kind of meta-model on out-of-fold predictions P (rows × bases)."""
@@ -108,7 +124,7 @@ def fit_meta(kind: str | Any, names: list[str], P: np.ndarray, y: np.ndarray,
         for wl in np.unique(workloads):
             rows = workloads == wl
             if rows.sum() >= MIN_ROWS_PER_WORKLOAD:
-                weights[str(wl)], intercepts[str(wl)] = _nnls_with_intercept(P[rows], y[rows])
+                weights[str(wl)], intercepts[str(wl)] = _convex_with_intercept(P[rows], y[rows])
         return LinearMeta(kind, names, weights, intercepts)
     raise ModelError(f"meta_model must be one of {', '.join(META_KINDS)} or a scikit-learn "
                      f"linear regressor, got {kind!r}")
