@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from cputwin.features.engine import workload_cpu_column
 from cputwin.live.detector import calibrate
 from cputwin.live.stream import OnlineTwin
 from cputwin.models import TwinStack
@@ -113,7 +114,8 @@ def replay_alarms(stack: TwinStack, detector, frame: pl.DataFrame) -> list[float
     twin = OnlineTwin(stack, detector=detector)
     cores = frame.select(twin.schema.core_columns).to_numpy()
     overall, workloads = frame[OVERALL].to_numpy(), frame[WORKLOAD].to_list()
-    own = frame[WORKLOAD_CPU].fill_null(float("nan")).to_numpy()
+    own = (workload_cpu_column(frame, "this twin").to_numpy() if twin.reads_workload_cpu
+           else np.full(frame.height, np.nan))  # as `stream.replay` feeds it
     stamps, runs = frame[TIMESTAMP].to_numpy(), frame[RUN_COLUMN].to_list()
     raises, stream, current = [], None, None
     for i in range(frame.height):

@@ -210,3 +210,22 @@ def test_a_hidden_process_on_the_target_core_raises_an_alarm(independent_twin):
     raised = [i for i, e in events if e == "raise"]
     assert raised and 200 <= raised[0] <= 215  # caught within 1.5 s at 10 Hz
     assert not [i for i in raised if i < 200]
+
+
+def test_one_short_burst_in_calibration_costs_its_sustained_level_not_its_peak():
+    # Two ticks 80 points off (a process that ran 200 ms on the target in training): the
+    # smoothed score peaks near 15 but stays over 5 for only a few ticks, and an alarm
+    # needs 5 in a row. The threshold must be the level that keeps that burst quiet.
+    rng = np.random.default_rng(3)
+    residuals = rng.normal(0, 1, 3600)
+    residuals[1800:1802] = 80.0
+    wl = np.array(["w"] * residuals.size)
+    seg = np.zeros(residuals.size, int)
+    det = Detector(false_alarms_per_hour=1.0).fit(residuals, wl, seg, rate_hz=10)
+    scores = det._scores(residuals, wl)
+    starts = np.r_[True, np.zeros(residuals.size - 1, bool)]
+    observed = det.calibration["observed_threshold"]
+    assert observed < 0.5 * scores.max()
+    assert count_raises(scores, starts, observed, det.raise_ticks, det.clear_ticks) == 0
+    assert count_raises(scores, starts, observed * (1 - 1e-9), det.raise_ticks,
+                        det.clear_ticks) >= 1
