@@ -74,9 +74,9 @@ class Detector:
                                  for s in np.unique(segments)])
         bounds = np.concatenate([[True], segments[1:] != segments[:-1]])
         hours = residuals.size / rate_hz / 3600
-        observed = self._lowest_threshold(scores, bounds, hours)
-        extrapolated, tail = tail_threshold(sustained(scores, bounds, self.raise_ticks), bounds,
-                                            hours, self.false_alarms_per_hour)
+        levels = sustained(scores, bounds, self.raise_ticks)
+        observed = self._lowest_threshold(scores, levels, bounds, hours)
+        extrapolated, tail = tail_threshold(levels, bounds, hours, self.false_alarms_per_hour)
         self.threshold = max(observed, extrapolated)
         self.calibration = {"rows": int(residuals.size), "hours": hours,
                             "false_alarms": count_raises(scores, bounds, self.threshold,
@@ -85,7 +85,8 @@ class Detector:
                             "observed_threshold": observed, **tail}
         return self
 
-    def _lowest_threshold(self, scores: np.ndarray, bounds: np.ndarray, hours: float) -> float:
+    def _lowest_threshold(self, scores: np.ndarray, levels: np.ndarray, bounds: np.ndarray,
+                          hours: float) -> float:
         """The lowest threshold whose replay of the calibration scores stays within the rate.
 
         Candidates are the sustained levels themselves (an alarm raises where the lowest of
@@ -95,7 +96,6 @@ class Detector:
         put the threshold at its peak: 15 where 5 would do, session 6.) Bisection keeps
         the highest candidate known to meet the rate (none raises there) as its upper end.
         """
-        levels = sustained(scores, bounds, self.raise_ticks)
         levels = levels[~np.isnan(levels)]
         candidates = np.unique(levels[levels >= np.median(scores)])
         if candidates.size == 0:
