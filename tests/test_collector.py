@@ -76,6 +76,34 @@ def test_a_meter_counts_the_children_of_its_process():
         child.wait()
 
 
+def test_a_meter_counts_children_that_live_shorter_than_a_tick(tmp_path):
+    """A `make`-like tree: 25 busy children of ~30-60 ms each, one after another, so most are
+    born and reaped between two reads. The kernel's own account of the tree once reaped
+    (RUSAGE_CHILDREN of this process) is the reference the meter must match."""
+    import resource
+
+    done, busy = tmp_path / "done", tmp_path / "busy.sh"
+    busy.write_text("i=0; while [ $i -lt 40000 ]; do i=$((i+1)); done\n")
+    script = f"for n in $(seq 25); do sh {busy}; done; touch {done}; sleep 30"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    root = subprocess.Popen(["sh", "-c", script])
+    try:
+        meter = ProcessMeter(root.pid)
+        metered, last = 0.0, time.monotonic()
+        while not done.exists():
+            time.sleep(0.1)
+            percent, now = meter.read(), time.monotonic()
+            metered += (percent or 0.0) / 100 * (now - last)
+            last = now
+    finally:
+        root.kill()
+        root.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    kernel = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert kernel > 0.3, "the children did too little work to test anything"
+    assert 0.85 * kernel <= metered <= 1.05 * kernel + 0.05
+
+
 @pytest.mark.parametrize(("fn", "fragment"), [
     (crashing_workload, "exit code 1): ImportError: No module named 'requests'"),
     (killed_workload, "killed by signal 9"),

@@ -126,6 +126,15 @@ def test_stream_cap_is_429_and_metrics_count(server):
     assert 'path="/v1/streams/{stream_id}/samples",status="429"' in text
 
 
+def test_metrics_label_the_documents_by_path_and_unknown_paths_as_unmatched(server):
+    assert server.get("/openapi.json").status_code == 200
+    assert server.get("/no/such/path").status_code == 404
+    text = server.get("/metrics").text
+    assert 'path="/openapi.json",status="200"' in text
+    assert 'path="unmatched",status="404"' in text
+    assert "/no/such/path" not in text
+
+
 def test_idle_streams_expire_and_free_their_place(seed_twin):
     with serving(seed_twin, max_streams=2, stream_ttl_s=2.0) as client:
         def post(stream_id: str, t: float) -> int:

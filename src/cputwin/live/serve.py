@@ -245,9 +245,18 @@ class LimitsAndMetrics:
         except _TooBig:
             response = JSONResponse({"detail": f"body over {self.max_body_bytes} bytes"}, 413)
             await response(scope, receive, recording_send)
-        route = scope.get("route")
-        path = getattr(route, "path", "unmatched")
+        path = getattr(scope.get("route"), "path", None) or _docs_path(scope)
         scope["app"].state.metrics.observe(path, status["code"], time.perf_counter() - start)
+
+
+def _docs_path(scope) -> str:
+    """FastAPI serves its documents (/openapi.json, /docs, /redoc) through plain Starlette
+    routes that do not name themselves in the scope: label them by their own path, and
+    anything else no route matched as "unmatched" (an unbounded label set otherwise)."""
+    app = scope["app"]
+    documents = {app.openapi_url, app.docs_url, app.redoc_url,
+                 app.swagger_ui_oauth2_redirect_url} - {None}
+    return scope["path"] if scope["path"] in documents else "unmatched"
 
 
 class _TooBig(Exception):

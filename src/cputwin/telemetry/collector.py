@@ -80,41 +80,44 @@ def ticks(rate: float, n_ticks: int | None = None) -> Iterator[int]:
 class ProcessMeter:
     """CPU use of one process and its descendants between calls, in percent of one core.
 
-    Each process's CPU time is differenced against its own last reading, so a child that
-    appears counts from its start and one that exits drops out (no negative steps).
+    The tree's CPU time is the sum over its live processes of each one's own time and the
+    time of the children it has reaped (psutil's children_user/system). A child that exits
+    between two reads, however short its life (a compiler under `make`), moves its whole
+    time into its parent's term when reaped: nothing it used is lost, nothing counted
+    twice. A process that leaves the tree otherwise (re-parented) takes its time with it;
+    such a step is read as zero.
     """
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
         self.last_time = time.monotonic()
-        self.seen: dict[int, float] = {}
+        self.last_total: float | None = None
         self.read()
 
-    def _cpu_seconds(self) -> dict[int, float]:
-        out: dict[int, float] = {}
+    def _cpu_seconds(self) -> float | None:
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
-            return out
+            return None
+        total = 0.0
         for proc in procs:
             try:
                 t = proc.cpu_times()
             except psutil.Error:
                 continue
-            out[proc.pid] = t.user + t.system
-        return out
+            total += t.user + t.system + t.children_user + t.children_system
+        return total
 
     def read(self) -> float | None:
-        """Percent of one core used since the last call (None before the first interval)."""
+        """Percent of one core used since the last call (None before the first interval,
+        or once the process is gone)."""
         now = time.monotonic()
-        current = self._cpu_seconds()
+        total = self._cpu_seconds()
         elapsed, self.last_time = now - self.last_time, now
-        used = sum(max(0.0, t - self.seen.get(pid, t)) for pid, t in current.items())
-        first = not self.seen
-        self.seen = current
-        if first or elapsed <= 0:
+        previous, self.last_total = self.last_total, total
+        if previous is None or total is None or elapsed <= 0:
             return None
-        return 100.0 * used / elapsed
+        return 100.0 * max(0.0, total - previous) / elapsed
 
 
 class Sampler:
