@@ -77,6 +77,30 @@ def test_regression_models_compile_and_the_fast_path_answers_plain_rows(name):
     np.testing.assert_allclose(got, MODELS[name].predict(X), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("cover", [0.0, 0.5, 1.0])
+def test_trees_deeper_than_the_branch_free_walk_finish_exactly(monkeypatch, cover):
+    """The branch-free phase stops at the depth most training rows reach; rows going
+    deeper finish one tree at a time. cover 0 leaves every step to that finish."""
+    from cputwin.models import forest as forest_module
+
+    monkeypatch.setattr(forest_module, "COVER", cover)
+    booster = MODELS["l1"]
+    forest = CompiledForest.from_booster(booster)
+    deepest = _deepest_leaf(booster)
+    if cover < 1:  # the branch-free phase stops short of the deepest leaves
+        assert forest.steps.sum() < sum(deepest[i:i + 16].max()
+                                        for i in range(0, len(deepest), 16))
+    X, _ = _data(10)
+    got = np.array([forest(x) for x in X])
+    np.testing.assert_allclose(got, booster.predict(X), rtol=0, atol=1e-9)
+
+
+def _deepest_leaf(booster: lgb.Booster) -> np.ndarray:
+    """Each tree's deepest leaf, sorted (as the forest orders its blocks)."""
+    frame = booster.trees_to_dataframe()
+    return np.sort(frame.groupby("tree_index")["node_depth"].max().to_numpy() - 1)
+
+
 def test_rows_the_fast_path_cannot_state_exactly_go_to_lightgbm():
     assert np.isnan(CompiledForest.from_booster(MODELS["nan_missing"])(
         np.array([np.nan, 1.0, 2.0, 3.0])))

@@ -5,10 +5,13 @@ each step waits on the load of the next node, and every comparison is a branch t
 guesses wrong half the time. Here the trees are laid out depth-first (a left child is the
 next node; a node is a threshold, or a leaf's value, in one array and an int32 code,
 feature | left step << 16 | right step << 17, in another), grouped into blocks of trees
-of similar depth, and a block's trees are walked side by side, branch-free, for as many
-steps as its deepest tree needs (a leaf steps onto itself). Same trees, same comparisons
-(`x > threshold` goes right), same leaf values: only the order in which the leaf values
-are added differs (about 1e-13).
+of similar depth, and a block's trees are walked side by side, branch-free (a leaf steps
+onto itself), for as many steps as most rows need; the few trees still inside after that
+finish one by one. A tree's deepest leaf is often twice as deep as the path a row
+typically takes, so walking every tree to its deepest leaf did twice the work; the
+typical depth comes from the training rows each leaf holds (LightGBM's leaf_count).
+Same trees, same comparisons (`x > threshold` goes right), same leaf values: only the
+order in which the leaf values are added differs (about 1e-13).
 
 Only what this fast path can state exactly is compiled: numerical splits, an identity
 output (regression objectives), no linear trees. A row holding NaN, or a model that
@@ -24,6 +27,7 @@ import numba
 import numpy as np
 
 BLOCK = 16  # trees walked side by side
+COVER = 0.8  # walk branch-free as deep as this share of a tree's training rows goes
 IDENTITY_OBJECTIVES = ("regression", "regression_l1", "huber", "fair", "quantile", "mape")
 _FEATURE_BITS = 16  # a node's code: feature | left step << 16 | right step << 17
 _ZERO_MISSING = 1  # LightGBM's missing type "Zero", bits 2-3 of decision_type
@@ -53,7 +57,12 @@ def _walk(x: np.ndarray, values: np.ndarray, codes: np.ndarray, roots: np.ndarra
                 right = x[code & 0xFFFF] > values[n]
                 at[k] = n + ((code >> 17) if right else ((code >> 16) & 1))
         for k in range(width):
-            total += values[at[k]]
+            n = at[k]
+            code = codes[n]
+            while code != 0:  # not at a leaf yet (a split's code holds bit 16): rare
+                n += (code >> 17) if x[code & 0xFFFF] > values[n] else ((code >> 16) & 1)
+                code = codes[n]
+            total += values[n]
     return total
 
 
@@ -101,7 +110,9 @@ class CompiledForest:
             split = {key: [float(v) for v in tree[key].split()] for key in
                      ("split_feature", "threshold", "decision_type", "left_child", "right_child")}
             zero_missing |= any((int(d) >> 2) & 3 == _ZERO_MISSING for d in split["decision_type"])
-            depths.append(_place(split, leaves, values, codes))
+            leaf_depths = _place(split, leaves, values, codes)
+            counts = [float(c) for c in tree.get("leaf_count", "").split()]
+            depths.append(_typical_depth(leaf_depths, counts))
         order = np.argsort(depths, kind="stable")  # similar depths share a block
         depth = np.asarray(depths, dtype=np.int64)[order]
         steps = np.array([depth[i:i + BLOCK].max() for i in range(0, depth.size, BLOCK)],
@@ -116,10 +127,24 @@ class CompiledForest:
         return _walk(x, self.values, self.codes, self.roots, self.steps, self.zero_missing)
 
 
+def _typical_depth(leaf_depths: list[int], counts: list[float]) -> int:
+    """The depth that COVER of the tree's training rows stop at or above (the deepest
+    leaf's where the model holds no leaf counts)."""
+    if len(counts) != len(leaf_depths) or sum(counts) <= 0:
+        return max(leaf_depths)
+    held = 0.0
+    for depth, count in sorted(zip(leaf_depths, counts, strict=True)):
+        held += count
+        if held >= COVER * sum(counts):
+            return depth
+    return max(leaf_depths)
+
+
 def _place(split: dict[str, list[float]], leaves: list[float], values: list[float],
-           codes: list[int]) -> int:
-    """Append one tree depth-first; return its depth (steps from root to deepest leaf)."""
-    deepest = 0
+           codes: list[int]) -> list[int]:
+    """Append one tree depth-first; return each leaf's depth (steps from the root), in
+    LightGBM's leaf order."""
+    leaf_depths = [0] * len(leaves)
     stack = [(0, 0, -1)]  # (LightGBM child id, depth, parent position to patch or -1)
     while stack:
         child, depth, parent = stack.pop()
@@ -129,13 +154,13 @@ def _place(split: dict[str, list[float]], leaves: list[float], values: list[floa
         if child < 0:
             values.append(leaves[~child])
             codes.append(0)
-            deepest = max(deepest, depth)
+            leaf_depths[~child] = depth
             continue
         values.append(split["threshold"][child])
         codes.append(int(split["split_feature"][child]) | 1 << _FEATURE_BITS)
         stack.append((int(split["right_child"][child]), depth + 1, position))
         stack.append((int(split["left_child"][child]), depth + 1, -1))
-    return deepest
+    return leaf_depths
 
 
 def _parse(text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
