@@ -1,6 +1,7 @@
 """Per-tick latency of the live twin: one sample in, one stacked prediction out.
 
-    python bench/latency.py [--ticks 10000] [--naive-ticks 500] [--bases seed] [--json]
+    python bench/latency.py [--ticks 10000] [--naive-ticks 500] [--bases seed]
+                            [--mode sensor] [--json]
 
 Fits a stack (default: the seed's pair, v2.0 + v2.3, under its RidgeCV meta-model) on
 the embedded sample, then streams samples through `TwinStream.update` (trees walked by
@@ -58,17 +59,20 @@ def naive_ticks(stack: TwinStack, frame: pd.DataFrame, ticks: int) -> list[float
         preds = []
         for spec, base in zip(stack.base_specs_, stack.bases_, strict=True):
             feats, _ = reference_features(window, spec.features, stack.target, stack.workloads_)
-            preds.append(base.booster.predict(feats.tail(1))[0])
-        stack.meta_.predict(np.array([preds]))
+            model = getattr(base, "booster", base)  # LightGBM's Booster, or a linear base
+            preds.append(model.predict(feats.tail(1) if model is not base
+                                       else feats.tail(1).to_numpy())[0])
+        stack.meta_.predict(np.array([preds]), row[WORKLOAD].to_numpy())
         times.append(time.perf_counter() - start)
     return times
 
 
-def run(ticks: int, naive: int, bases: str) -> dict:
+def run(ticks: int, naive: int, bases: str, mode: str = "sensor") -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frame = load_runs(sample_path())
-        stack = TwinStack(bases=bases, meta_model="ridge" if bases == "seed" else "auto")
+        stack = TwinStack(bases=bases, mode=mode,
+                          meta_model="ridge" if bases == "seed" else "auto")
         stack.fit(frame)
     cores = frame.select(stack.schema_.core_columns).to_numpy()
     rows = list(zip(cores, frame[OVERALL].to_list(), frame[WORKLOAD].to_list(), strict=True))
@@ -76,7 +80,8 @@ def run(ticks: int, naive: int, bases: str) -> dict:
     lightgbm_trees = percentiles(stream_ticks(stack, rows, ticks, compiled_trees=False))
     pdf = frame.to_pandas().assign(**{RUN_COLUMN: "bench"})
     theirs = percentiles(naive_ticks(stack, pdf, naive))
-    return {"bases": [b.name for b in stack.base_specs_], "ticks": ticks, "naive_ticks": naive,
+    return {"bases": [b.name for b in stack.base_specs_], "mode": mode,
+            "meta_model": stack.meta_.kind, "ticks": ticks, "naive_ticks": naive,
             "stack": ours, "stack_lightgbm_trees": lightgbm_trees, "naive": theirs,
             "speedup_p50": theirs["p50_us"] / ours["p50_us"],
             "compiled_trees_speedup_p50": lightgbm_trees["p50_us"] / ours["p50_us"]}
@@ -86,14 +91,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ticks", type=int, default=10_000)
     parser.add_argument("--naive-ticks", type=int, default=500)
-    parser.add_argument("--bases", default="seed")
+    parser.add_argument("--bases", default="seed",
+                        help="a preset or base names, comma-separated (seed: v2.0 + v2.3 "
+                             "under RidgeCV; detect: the anomaly twin's)")
+    parser.add_argument("--mode", default="sensor", choices=("sensor", "independent"))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    r = run(args.ticks, args.naive_ticks, args.bases)
+    r = run(args.ticks, args.naive_ticks, args.bases, args.mode)
     if args.json:
         sys.stdout.write(json.dumps(r, indent=2) + "\n")
         return
-    print(f"bases: {', '.join(r['bases'])}")
+    print(f"bases: {', '.join(r['bases'])} ({r['mode']} mode, meta-model {r['meta_model']})")
     print(f"{'path':<28}{'ticks':>8}{'p50 µs':>12}{'p99 µs':>12}{'max µs':>12}")
     for name, key, n in (("cputwin TwinStream", "stack", r["ticks"]),
                          ("  same, LightGBM's trees", "stack_lightgbm_trees", r["ticks"]),

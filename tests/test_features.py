@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from cputwin import load_runs
 from cputwin.errors import FeatureError
 from cputwin.features import FeatureSpec, build_features, get_spec
+from cputwin.features.engine import WORKLOAD_EXCESS, derive
 from cputwin.features.reference import reference_features
 from cputwin.telemetry.ingest import DataWarning
 from helpers import synthetic_run, with_workload_cpu
@@ -198,3 +199,27 @@ def test_host_categories_are_one_hot_columns_like_the_reference():
     bare = build_features(frame.drop("host"), spec, "cpu_util_core_0", ["a", "b"],
                           hosts=["alpha", "beta"])
     assert not bare.X[:, [bare.names.index("host_alpha"), bare.names.index("host_beta")]].any()
+
+
+utilisation = st.one_of(st.floats(0, 100), st.sampled_from([0.0, 100.0, 12.5]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), width=st.integers(1, 9), rows=st.integers(1, 6))
+def test_derived_columns_are_bitwise_what_numpy_clip_mean_std_give(data, width, rows):
+    """`derive` spells np.clip / mean / std / min / max out as ufuncs (their wrappers cost
+    more than a live tick's arithmetic): the values must stay the very same bits, or twins
+    saved before would see other features."""
+    others = np.array(data.draw(st.lists(st.lists(utilisation, min_size=width, max_size=width),
+                                         min_size=rows, max_size=rows)))
+    overall = np.array(data.draw(st.lists(utilisation, min_size=rows, max_size=rows)))
+    own = np.array(data.draw(st.lists(st.floats(0, 200), min_size=rows, max_size=rows)))
+    out = derive(overall, others, width + 1, own)
+    physics = (width + 1) * overall - others.sum(axis=1)
+    np.testing.assert_array_equal(out["physics_clipped"], np.clip(physics, 0.0, 100.0))
+    np.testing.assert_array_equal(out[WORKLOAD_EXCESS],
+                                  np.clip(own - others.sum(axis=1), 0.0, 100.0))
+    np.testing.assert_array_equal(out["others_mean"], others.mean(axis=1))
+    np.testing.assert_array_equal(out["others_std"], others.std(axis=1))
+    np.testing.assert_array_equal(out["others_min"], others.min(axis=1))
+    np.testing.assert_array_equal(out["others_max"], others.max(axis=1))

@@ -132,18 +132,25 @@ def derive(overall: np.ndarray, others: np.ndarray, n_cores: int,
     the workload's own CPU use that the other cores cannot hold must be on the target.
     overall: (rows,); others: (rows, n_cores - 1); workload_cpu: (rows,), NaN where unknown.
     """
-    rows = overall.shape[0]
-    total_others = others.sum(axis=1)
+    rows, width = others.shape
+    total_others = np.add.reduce(others, axis=1)
     physics = n_cores * overall - total_others
-    out = {"physics_estimate": physics, "physics_clipped": np.clip(physics, 0.0, 100.0)}
+    # np.minimum/np.maximum and the explicit moments below are what np.clip, np.mean and
+    # np.std compute (the same reductions, in the same order), without their Python
+    # wrappers, which cost more than the arithmetic on the one row of a live tick
+    out = {"physics_estimate": physics,
+           "physics_clipped": np.minimum(np.maximum(physics, 0.0), 100.0)}
     if workload_cpu is not None:
-        out[WORKLOAD_EXCESS] = np.clip(workload_cpu - total_others, 0.0, 100.0)
-    if others.shape[1] == 0:
+        out[WORKLOAD_EXCESS] = np.minimum(np.maximum(workload_cpu - total_others, 0.0), 100.0)
+    if width == 0:
         zero = np.zeros(rows)
         out.update(others_mean=zero, others_std=zero, others_min=zero, others_max=zero)
         return out
-    out.update(others_mean=others.mean(axis=1), others_std=others.std(axis=1),
-               others_min=others.min(axis=1), others_max=others.max(axis=1))
+    mean = total_others / width
+    dev = others - mean[:, None]
+    out.update(others_mean=mean, others_std=np.sqrt(np.add.reduce(dev * dev, axis=1) / width),
+               others_min=np.minimum.reduce(others, axis=1),
+               others_max=np.maximum.reduce(others, axis=1))
     ranked = -np.sort(-others, axis=1)
     out.update({f"others_rank_{i + 1}": ranked[:, i] for i in range(others.shape[1])})
     return out

@@ -46,14 +46,16 @@ class OnlineFeatures:
         self.cell_flat = [((head - cell_lag) % self.length) * len(sources) + cell_src
                           for head in range(self.length)]
         # windows: grouped by length, so each length slices the ring once
-        self.windows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        # (is_std None: the group holds means only, and skips the deviations)
+        self.windows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
         for w in sorted({op.param for op in ops if op.kind in ("mean", "std")}):
             members = [i for i, op in enumerate(ops) if op.kind in ("mean", "std") and op.param == w]
+            is_std = np.array([ops[i].kind == "std" for i in members])
             self.windows.append((
                 np.arange(w),
                 np.array(members, dtype=int),
                 np.array([index[ops[i].source] for i in members], dtype=int),
-                np.array([ops[i].kind == "std" for i in members]),
+                is_std if is_std.any() else None,
             ))
         self.onehot = [(i, op.source) for i, op in enumerate(ops) if op.kind == "onehot"]
         self.host_onehot = [(i, op.source) for i, op in enumerate(ops) if op.kind == "host"]
@@ -98,6 +100,9 @@ class OnlineFeatures:
             # mean and sample std by the same NumPy reductions np.mean / np.std use
             block = self.ring[(head - back) % self.length][:, src]
             mean = np.add.reduce(block, axis=0) / back.size
+            if is_std is None:  # means only
+                x[out] = np.round(mean, WINDOW_DECIMALS)
+                continue
             dev = block - mean
             std = np.sqrt(np.add.reduce(dev * dev, axis=0) / (back.size - 1))
             x[out] = np.round(np.where(is_std, std, mean), WINDOW_DECIMALS)
@@ -114,4 +119,5 @@ def derive_sample(cores: np.ndarray, overall: float, target_index: int, n_cores:
 
     workload_cpu: None when no spec of the caller reads it (its column is then not derived)."""
     own = None if workload_cpu is None else np.array([workload_cpu], dtype=float)
-    return derive(np.array([overall]), np.delete(cores, target_index)[None, :], n_cores, own)
+    others = np.concatenate((cores[:target_index], cores[target_index + 1:]))[None, :]
+    return derive(np.array([overall]), others, n_cores, own)

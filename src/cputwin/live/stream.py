@@ -51,9 +51,16 @@ class OnlineTwin:
             raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, "
                             f"the stream has {self.schema.n_cores}")
         cores = self.schema.core_columns
-        self.compiled = [compile_spec(spec.features, stack.target, cores, stack.workloads_,
-                                      stack.hosts_)
-                         for spec in stack.base_specs_]
+        # bases reading the same feature spec (two seeds of one model) share its state:
+        # each distinct spec is computed once per tick
+        specs = []
+        self.spec_of_base = []
+        for base in stack.base_specs_:
+            if base.features not in specs:
+                specs.append(base.features)
+            self.spec_of_base.append(specs.index(base.features))
+        self.compiled = [compile_spec(spec, stack.target, cores, stack.workloads_, stack.hosts_)
+                         for spec in specs]
         self.names = [b.name for b in stack.base_specs_]
         # whether samples must carry the workload's own CPU use (workload_cpu_percent)
         self.reads_workload_cpu = any(b.features.reads_workload_cpu for b in stack.base_specs_)
@@ -90,8 +97,9 @@ class TwinStream:
                    for f in self.features]
         if any(v is None for v in vectors):
             return Tick(None, None)
-        preds = np.array([base.predict_one(x)
-                          for base, x in zip(self.twin.stack.bases_, vectors, strict=True)])
+        preds = np.array([base.predict_one(vectors[j])
+                          for base, j in zip(self.twin.stack.bases_, self.twin.spec_of_base,
+                                             strict=True)])
         value = self.meta.predict_one(preds, workload)
         tick = Tick(value, dict(zip(self.twin.names, preds.tolist(), strict=True)))
         if self.watch is not None:
