@@ -59,9 +59,11 @@ def naive_ticks(stack: TwinStack, frame: pd.DataFrame, ticks: int) -> list[float
         preds = []
         for spec, base in zip(stack.base_specs_, stack.bases_, strict=True):
             feats, _ = reference_features(window, spec.features, stack.target, stack.workloads_)
-            model = getattr(base, "booster", base)  # LightGBM's Booster, or a linear base
-            preds.append(model.predict(feats.tail(1) if model is not base
-                                       else feats.tail(1).to_numpy())[0])
+            last = feats.tail(1)
+            if hasattr(base, "booster"):  # LightGBM on a one-row DataFrame, as notebooks do
+                preds.append(base.booster.predict(last)[0])
+            else:  # a linear base
+                preds.append(base.predict(last.to_numpy())[0])
         stack.meta_.predict(np.array([preds]), row[WORKLOAD].to_numpy())
         times.append(time.perf_counter() - start)
     return times

@@ -130,12 +130,13 @@ class CompiledForest:
 def _typical_depth(leaf_depths: list[int], counts: list[float]) -> int:
     """The depth that COVER of the tree's training rows stop at or above (the deepest
     leaf's where the model holds no leaf counts)."""
-    if len(counts) != len(leaf_depths) or sum(counts) <= 0:
+    rows = sum(counts)
+    if len(counts) != len(leaf_depths) or rows <= 0:
         return max(leaf_depths)
     held = 0.0
     for depth, count in sorted(zip(leaf_depths, counts, strict=True)):
         held += count
-        if held >= COVER * sum(counts):
+        if held >= COVER * rows:
             return depth
     return max(leaf_depths)
 
