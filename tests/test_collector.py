@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import psutil
 import pytest
 
 from cputwin import load_runs
@@ -122,6 +123,23 @@ def test_unknown_workload_and_bad_rate(tmp_path):
         Collector(rate=0)
 
 
+def _gone_within(procs: list[psutil.Process], seconds: float) -> bool:
+    """Whether every process exited (a zombie nobody reaps counts as exited)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        alive = []
+        for p in procs:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_samples_survive_kill_9(tmp_path):
     cmd = [sys.executable, "-m", "cputwin", "collect", "--workload", "idle", "--seconds", "60",
            "--out", str(tmp_path)]
@@ -130,9 +148,12 @@ def test_samples_survive_kill_9(tmp_path):
     while time.time() < deadline and len(list(tmp_path.glob("*.parts/part-*.parquet"))) < 6:
         time.sleep(0.1)
     time.sleep(0.3)
+    workload = psutil.Process(proc.pid).children()
+    assert workload, "the collector runs its workload in a child process"
     killed_at = time.time()
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+    assert _gone_within(workload, 5.0), "the workload outlived its killed collector"
     parts = list(tmp_path.glob("*.parts"))
     assert len(parts) == 1
     frame = pl.read_parquet(parts[0] / "part-*.parquet")

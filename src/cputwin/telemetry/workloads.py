@@ -119,7 +119,16 @@ WORKLOADS: dict[str, WorkloadFn] = {
 }
 
 
-def _child(fn: WorkloadFn, stop, errors) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A collector killed by SIGKILL cannot stop its workload; without this, a busy loop
+    would outlive it for good. Polls, as re-parenting is all a child can see of it."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _child(fn: WorkloadFn, stop, errors, parent: int) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     try:
         fn(stop)
     except BaseException as exc:  # report any death, then exit non-zero
@@ -135,8 +144,8 @@ class WorkloadProcess:
         ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
         self.stop_event = ctx.Event()
         self.errors = ctx.SimpleQueue()  # put() is synchronous: survives os._exit
-        self.process = ctx.Process(target=_child, args=(fn, self.stop_event, self.errors),
-                                   daemon=True)
+        self.process = ctx.Process(target=_child, daemon=True,
+                                   args=(fn, self.stop_event, self.errors, os.getpid()))
         self.started = 0.0
 
     def start(self) -> None:
