@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -162,7 +163,24 @@ def test_samples_survive_kill_9(tmp_path):
     # every sample older than a second is on disk: the newest saved is under 1 s old
     assert killed_at - ts.max() < 1.0
     assert np.all(np.diff(ts) > 0)
-    run = recover_parts(parts[0])
+    recovered = subprocess.run([sys.executable, "-m", "cputwin", "recover", str(parts[0]),
+                                "--json"], capture_output=True, text=True, check=True)
+    run = Path(json.loads(recovered.stdout)["path"])
+    assert json.loads(recovered.stdout)["rows"] == ts.size
     assert load_runs(run).height == ts.size
     assert read_metadata(run)["recovered"] is True
-    assert Path(run).name.startswith("idle_")
+    assert run.name.startswith("idle_")
+    again = subprocess.run([sys.executable, "-m", "cputwin", "recover", str(parts[0])],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.startswith("error: ")
+    assert "Traceback" not in again.stderr
+
+
+def test_recovery_never_writes_over_a_run(tmp_path):
+    (tmp_path / "idle_1.parts").mkdir()
+    (tmp_path / "idle_1.parquet").write_bytes(b"a run")
+    with pytest.raises(DataError, match="already exists"):
+        recover_parts(tmp_path / "idle_1.parts")
+    assert (tmp_path / "idle_1.parquet").read_bytes() == b"a run"
+    with pytest.raises(DataError, match="not a folder of run parts"):
+        recover_parts(tmp_path / "idle_1.parquet")

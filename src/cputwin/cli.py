@@ -308,6 +308,24 @@ def collect(
 
 
 @app.command()
+def recover(
+    parts: Annotated[Path, typer.Argument(help="The <run>.parts folder a killed collect left.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn what an interrupted `collect` saved (<run>.parts) into a run (<run>.parquet)."""
+    with cli_errors():
+        from cputwin import load_runs
+        from cputwin.telemetry.collector import recover_parts
+
+        path = recover_parts(parts)
+        rows = load_runs(path).height
+    if as_json:
+        _json({"path": str(path), "rows": rows})
+        return
+    out.print(f"{path} ({rows} samples, recovered)")
+
+
+@app.command()
 def demo(
     live: Annotated[bool, typer.Option(help="Record fresh telemetry of this machine first.")] = False,
     seconds: Annotated[float, typer.Option(

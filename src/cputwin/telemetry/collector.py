@@ -279,10 +279,13 @@ def merge_parts(parts: Path, final: Path, meta: dict[str, Any]) -> int:
 
 
 def recover_parts(parts: Path) -> Path:
-    """Turn the parts of an interrupted run (e.g. after SIGKILL) into a run file."""
+    """Turn the parts of an interrupted run (e.g. after SIGKILL) into a run file; never
+    over an existing one."""
     if not parts.is_dir() or parts.suffix != ".parts":
         raise DataError(f"{parts}: not a folder of run parts (<run>.parts)")
     final = parts.with_suffix(".parquet")
+    if final.exists():
+        raise DataError(f"{final}: already exists; move it away to recover {parts.name}")
     merge_parts(parts, final, {"recovered": True, "package_version": _version()})
     return final
 
