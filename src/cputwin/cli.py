@@ -314,11 +314,9 @@ def recover(
 ) -> None:
     """Turn what an interrupted `collect` saved (<run>.parts) into a run (<run>.parquet)."""
     with cli_errors():
-        from cputwin import load_runs
         from cputwin.telemetry.collector import recover_parts
 
-        path = recover_parts(parts)
-        rows = load_runs(path).height
+        path, rows = recover_parts(parts)
     if as_json:
         _json({"path": str(path), "rows": rows})
         return

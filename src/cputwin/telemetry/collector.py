@@ -278,16 +278,16 @@ def merge_parts(parts: Path, final: Path, meta: dict[str, Any]) -> int:
     return table.num_rows
 
 
-def recover_parts(parts: Path) -> Path:
-    """Turn the parts of an interrupted run (e.g. after SIGKILL) into a run file; never
-    over an existing one."""
+def recover_parts(parts: Path) -> tuple[Path, int]:
+    """Turn the parts of an interrupted run (e.g. after SIGKILL) into a run file, never
+    over an existing one; return the file and its number of samples."""
     if not parts.is_dir() or parts.suffix != ".parts":
         raise DataError(f"{parts}: not a folder of run parts (<run>.parts)")
     final = parts.with_suffix(".parquet")
     if final.exists():
         raise DataError(f"{final}: already exists; move it away to recover {parts.name}")
-    merge_parts(parts, final, {"recovered": True, "package_version": _version()})
-    return final
+    rows = merge_parts(parts, final, {"recovered": True, "package_version": _version()})
+    return final, rows
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
