@@ -64,7 +64,7 @@ def test_single_row_prediction_equals_lightgbm(name, rows):
     X = np.array(rows, dtype=np.float64)
     expected = booster.predict(X, num_threads=1)
     got = np.array([model.predict_one(x) for x in X])
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -74,31 +74,42 @@ def test_regression_models_compile_and_the_fast_path_answers_plain_rows(name):
     X, _ = _data(9)
     got = np.array([forest(x) for x in X])
     assert not np.isnan(got).any()  # no NaN, no zero-ish value below 1e-35: answered here
-    np.testing.assert_allclose(got, MODELS[name].predict(X), rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(got, MODELS[name].predict(X, num_threads=1))
 
 
-@pytest.mark.parametrize("cover", [0.0, 0.5, 1.0])
-def test_trees_deeper_than_the_branch_free_walk_finish_exactly(monkeypatch, cover):
-    """The branch-free phase stops at the depth most training rows reach; rows going
-    deeper finish one tree at a time. cover 0 leaves every step to that finish."""
-    from cputwin.models import forest as forest_module
+def _going_right(forest: CompiledForest, x: np.ndarray) -> float:
+    """The share of the forest's splits at which `x` goes right."""
+    start = forest.feature_start
+    return sum(np.searchsorted(forest.thresholds[start[f]:start[f + 1]], x[f])
+               for f in range(len(x))) / forest.thresholds.size
 
-    monkeypatch.setattr(forest_module, "COVER", cover)
-    booster = MODELS["l1"]
+
+def test_rows_scored_from_either_side_land_where_lightgbm_does():
+    """A row scans the splits it goes right at (leftmost leaf alive) or, where those are
+    more than half, the splits it goes left at (rightmost leaf alive): both sides agree
+    with LightGBM to the bit, at the extremes (every split one way) and in between."""
+    booster = MODELS["l2"]
     forest = CompiledForest.from_booster(booster)
-    deepest = _deepest_leaf(booster)
-    if cover < 1:  # the branch-free phase stops short of the deepest leaves
-        assert forest.steps.sum() < sum(deepest[i:i + 16].max()
-                                        for i in range(0, len(deepest), 16))
     X, _ = _data(10)
-    got = np.array([forest(x) for x in X])
-    np.testing.assert_allclose(got, booster.predict(X), rtol=0, atol=1e-9)
+    quantiles = np.linspace(0, 1, 41)
+    X = np.vstack([X, np.quantile(X, quantiles, axis=0), np.full((1, N_FEATURES), -1e9),
+                   np.full((1, N_FEATURES), 1e9)])
+    shares = np.array([_going_right(forest, x) for x in X])
+    assert (shares < 0.5).sum() > 50 and (shares > 0.5).sum() > 50
+    assert shares.min() == 0.0 and shares.max() == 1.0
+    np.testing.assert_array_equal([forest(x) for x in X], booster.predict(X, num_threads=1))
 
 
-def _deepest_leaf(booster: lgb.Booster) -> np.ndarray:
-    """Each tree's deepest leaf, sorted (as the forest orders its blocks)."""
-    frame = booster.trees_to_dataframe()
-    return np.sort(frame.groupby("tree_index")["node_depth"].max().to_numpy() - 1)
+def test_trees_of_one_leaf_and_of_64_leaves_are_scored():
+    X, y = _data(11)
+    flat = _train({"objective": "regression"}, X, np.full(len(y), 3.25))
+    assert set(flat.trees_to_dataframe().groupby("tree_index").size()) == {1}
+    wide = _train({"objective": "regression", "num_leaves": 64, "min_child_samples": 2}, X, y)
+    leaves = wide.dump_model()["tree_info"]
+    assert max(tree["num_leaves"] for tree in leaves) == 64
+    for booster in (flat, wide):
+        forest = CompiledForest.from_booster(booster)
+        np.testing.assert_array_equal([forest(x) for x in X], booster.predict(X, num_threads=1))
 
 
 def test_rows_the_fast_path_cannot_state_exactly_go_to_lightgbm():
@@ -114,6 +125,7 @@ def test_rows_the_fast_path_cannot_state_exactly_go_to_lightgbm():
     ({"objective": "regression"}, {"categorical_feature": [3]}),
     ({"objective": "regression", "linear_tree": True}, {}),
     ({"objective": "regression", "boosting": "rf", "bagging_freq": 1, "bagging_fraction": 0.5}, {}),
+    ({"objective": "regression", "num_leaves": 100, "min_child_samples": 2}, {}),  # > 64 leaves
 ])
 def test_models_outside_the_fast_path_are_left_to_lightgbm(params, dataset):
     X, y = _data(5)

@@ -1,21 +1,21 @@
-"""A LightGBM model's trees as flat arrays, walked for one row by a compiled kernel.
+"""A LightGBM model's trees scored for one row by a compiled kernel (QuickScorer).
 
-A live tick predicts one row at a time, where LightGBM walks its trees one after another:
-each step waits on the load of the next node, and every comparison is a branch the CPU
-guesses wrong half the time. Here the trees are laid out depth-first (a left child is the
-next node; a node is a threshold, or a leaf's value, in one array and an int32 code,
-feature | left step << 16 | right step << 17, in another), grouped into blocks of trees
-of similar depth, and a block's trees are walked side by side, branch-free (a leaf steps
-onto itself), for as many steps as most rows need; the few trees still inside after that
-finish one by one. A tree's deepest leaf is often twice as deep as the path a row
-typically takes, so walking every tree to its deepest leaf did twice the work; the
-typical depth comes from the training rows each leaf holds (LightGBM's leaf_count).
-Same trees, same comparisons (`x > threshold` goes right), same leaf values: only the
-order in which the leaf values are added differs (about 1e-13).
+A live tick predicts one row at a time. Walking 2,000 trees node by node is a chain of
+dependent loads and comparisons the CPU guesses wrong half the time. QuickScorer
+(Lucchese et al., SIGIR 2015) turns the forest inside out: every split of every tree is
+listed by feature, sorted by threshold, with a bit mask over its tree's leaves (in left
+to right order). For a row, the splits a feature's value goes right at are a prefix of
+that feature's list (`threshold < x`, found by binary search); each such split rules out
+the leaves of its left subtree, and the leftmost leaf still alive in a tree is where the
+row lands. Symmetrically the splits going left (the suffix) rule out right subtrees, and
+the rightmost leaf alive is the exit; a row takes whichever side holds fewer splits. The
+work is a sequential scan and an AND per split, with no data-dependent branch.
 
-Only what this fast path can state exactly is compiled: numerical splits, an identity
-output (regression objectives), no linear trees. A row holding NaN, or a model that
-treats zeros as missing seeing a zero, goes through LightGBM itself.
+Same trees, same comparisons (`x > threshold` goes right), same leaf values added in
+LightGBM's tree order: the score is LightGBM's to the bit. Only what this fast path can
+state exactly is compiled: numerical splits, trees of at most 64 leaves (one uint64
+mask), an identity output (regression objectives), no linear trees. A row holding NaN,
+or a model that treats zeros as missing seeing a zero, goes through LightGBM itself.
 """
 
 from __future__ import annotations
@@ -26,52 +26,65 @@ import lightgbm as lgb
 import numba
 import numpy as np
 
-BLOCK = 16  # trees walked side by side
-COVER = 0.8  # walk branch-free as deep as this share of a tree's training rows goes
+# count trailing / leading zero bits (tzcnt, lzcnt); an alive mask is never zero
+from numba.cpython.unsafe.numbers import leading_zeros, trailing_zeros
+
+MAX_LEAVES = 64  # a tree's leaves as the bits of one uint64
 IDENTITY_OBJECTIVES = ("regression", "regression_l1", "huber", "fair", "quantile", "mape")
-_FEATURE_BITS = 16  # a node's code: feature | left step << 16 | right step << 17
 _ZERO_MISSING = 1  # LightGBM's missing type "Zero", bits 2-3 of decision_type
 _CATEGORICAL = 1
 _ZERO = 1e-35  # LightGBM's kZeroThreshold
 
 
 @numba.njit(cache=True, nogil=True)
-def _walk(x: np.ndarray, values: np.ndarray, codes: np.ndarray, roots: np.ndarray,
-          steps: np.ndarray, zero_missing: bool) -> float:
+def _score(x: np.ndarray, feature_start: np.ndarray, thresholds: np.ndarray,
+           trees: np.ndarray, right_masks: np.ndarray, left_masks: np.ndarray,
+           all_leaves: np.ndarray, leaf_start: np.ndarray, leaf_values: np.ndarray,
+           zero_missing: bool) -> float:
     """Sum of the leaf values `x` reaches; NaN where the fast path cannot answer for `x`."""
     for v in x:  # LightGBM reads |v| <= 1e-35 as 0 and may route 0 or NaN apart
         if math.isnan(v) or (v != 0.0 and abs(v) <= _ZERO) or (zero_missing and v == 0.0):
             return math.nan
+    n_features = feature_start.shape[0] - 1
+    cut = np.empty(n_features, np.int64)  # feature f's splits going right: start[f]:cut[f]
+    going_right = 0
+    for f in range(n_features):
+        lo, hi, v = feature_start[f], feature_start[f + 1], x[f]
+        while lo < hi:  # the first split whose threshold is not below v
+            mid = (lo + hi) >> 1
+            if thresholds[mid] < v:
+                lo = mid + 1
+            else:
+                hi = mid
+        cut[f] = lo
+        going_right += lo - feature_start[f]
+    alive = all_leaves.copy()
     total = 0.0
-    at = np.empty(BLOCK, np.int64)
-    n_trees = roots.shape[0]
-    for block in range(steps.shape[0]):
-        first = block * BLOCK
-        width = min(first + BLOCK, n_trees) - first
-        for k in range(width):
-            at[k] = roots[first + k]
-        for _ in range(steps[block]):
-            for k in range(width):
-                n = at[k]
-                code = codes[n]
-                right = x[code & 0xFFFF] > values[n]
-                at[k] = n + ((code >> 17) if right else ((code >> 16) & 1))
-        for k in range(width):
-            n = at[k]
-            code = codes[n]
-            while code != 0:  # not at a leaf yet (a split's code holds bit 16): rare
-                n += (code >> 17) if x[code & 0xFFFF] > values[n] else ((code >> 16) & 1)
-                code = codes[n]
-            total += values[n]
+    if 2 * going_right <= thresholds.shape[0]:
+        for f in range(n_features):
+            for i in range(feature_start[f], cut[f]):
+                alive[trees[i]] &= right_masks[i]
+        for t in range(alive.shape[0]):
+            total += leaf_values[leaf_start[t] + np.int64(trailing_zeros(alive[t]))]
+    else:
+        for f in range(n_features):
+            for i in range(cut[f], feature_start[f + 1]):
+                alive[trees[i]] &= left_masks[i]
+        for t in range(alive.shape[0]):
+            total += leaf_values[leaf_start[t] + 63 - np.int64(leading_zeros(alive[t]))]
     return total
 
 
 class CompiledForest:
-    """One booster's trees, ready for `_walk`; `from_booster` says None where it cannot."""
+    """One booster's splits, by feature and threshold, ready for `_score`;
+    `from_booster` says None where it cannot state the model exactly."""
 
-    def __init__(self, values: np.ndarray, codes: np.ndarray, roots: np.ndarray,
-                 steps: np.ndarray, zero_missing: bool) -> None:
-        self.values, self.codes, self.roots, self.steps = values, codes, roots, steps
+    def __init__(self, feature_start: np.ndarray, thresholds: np.ndarray, trees: np.ndarray,
+                 right_masks: np.ndarray, left_masks: np.ndarray, all_leaves: np.ndarray,
+                 leaf_start: np.ndarray, leaf_values: np.ndarray, zero_missing: bool) -> None:
+        self.feature_start, self.thresholds, self.trees = feature_start, thresholds, trees
+        self.right_masks, self.left_masks = right_masks, left_masks
+        self.all_leaves, self.leaf_start, self.leaf_values = all_leaves, leaf_start, leaf_values
         self.zero_missing = zero_missing
 
     @classmethod
@@ -85,83 +98,80 @@ class CompiledForest:
         if objective not in IDENTITY_OBJECTIVES or "average_output" in header:
             return None
         if any(int(t.get("num_cat", "0")) or int(t.get("is_linear", "0"))
+               or int(t["num_leaves"]) > MAX_LEAVES
                or any(int(d) & _CATEGORICAL for d in t.get("decision_type", "").split())
                for t in trees):
             return None
-        if (int(header.get("num_tree_per_iteration", "1")) != 1
-                or int(header.get("max_feature_idx", "0")) >= 1 << _FEATURE_BITS):
+        if int(header.get("num_tree_per_iteration", "1")) != 1:
             return None
-        return cls._layout(trees)
+        return cls._layout(trees, int(header.get("max_feature_idx", "0")) + 1)
 
     @classmethod
-    def _layout(cls, trees: list[dict[str, str]]) -> CompiledForest | None:
-        values: list[float] = []  # a split's threshold or a leaf's value
-        codes: list[int] = []
-        roots, depths = [], []
+    def _layout(cls, trees: list[dict[str, str]], n_features: int) -> CompiledForest:
+        splits: list[tuple[int, float, int, int, int]] = []  # feature, threshold, tree, masks
+        leaf_values: list[float] = []
+        leaf_start, all_leaves = [], []
         zero_missing = False
-        for tree in trees:
-            roots.append(len(values))
+        for index, tree in enumerate(trees):
             leaves = [float(v) for v in tree["leaf_value"].split()]
-            if int(tree["num_leaves"]) == 1:
-                values.append(leaves[0])
-                codes.append(0)
-                depths.append(0)
+            leaf_start.append(len(leaf_values))
+            all_leaves.append((1 << len(leaves)) - 1)
+            if len(leaves) == 1:
+                leaf_values.append(leaves[0])
                 continue
             split = {key: [float(v) for v in tree[key].split()] for key in
                      ("split_feature", "threshold", "decision_type", "left_child", "right_child")}
             zero_missing |= any((int(d) >> 2) & 3 == _ZERO_MISSING for d in split["decision_type"])
-            leaf_depths = _place(split, leaves, values, codes)
-            counts = [float(c) for c in tree.get("leaf_count", "").split()]
-            depths.append(_typical_depth(leaf_depths, counts))
-        order = np.argsort(depths, kind="stable")  # similar depths share a block
-        depth = np.asarray(depths, dtype=np.int64)[order]
-        steps = np.array([depth[i:i + BLOCK].max() for i in range(0, depth.size, BLOCK)],
-                         dtype=np.int64)
-        if max(codes) >= 1 << 31:  # a tree too large for int32 steps
-            return None
-        return cls(np.asarray(values, dtype=np.float64), np.asarray(codes, dtype=np.int32),
-                   np.asarray(roots, dtype=np.int64)[order], steps, zero_missing)
+            in_order = _leaves_in_order(split, index, splits)
+            leaf_values.extend(leaves[leaf] for leaf in in_order)
+        splits.sort(key=lambda s: (s[0], s[1]))
+        features = np.array([s[0] for s in splits], dtype=np.int64)
+        return cls(
+            feature_start=np.searchsorted(features, np.arange(n_features + 1)).astype(np.int64),
+            thresholds=np.array([s[1] for s in splits], dtype=np.float64),
+            trees=np.array([s[2] for s in splits], dtype=np.int64),
+            right_masks=np.array([s[3] for s in splits], dtype=np.uint64),
+            left_masks=np.array([s[4] for s in splits], dtype=np.uint64),
+            all_leaves=np.array(all_leaves, dtype=np.uint64),
+            leaf_start=np.array(leaf_start, dtype=np.int64),
+            leaf_values=np.array(leaf_values, dtype=np.float64),
+            zero_missing=zero_missing,
+        )
 
     def __call__(self, x: np.ndarray) -> float:
         """The raw score for one row, or NaN where LightGBM must answer (see module doc)."""
-        return _walk(x, self.values, self.codes, self.roots, self.steps, self.zero_missing)
+        return _score(x, self.feature_start, self.thresholds, self.trees, self.right_masks,
+                      self.left_masks, self.all_leaves, self.leaf_start, self.leaf_values,
+                      self.zero_missing)
 
 
-def _typical_depth(leaf_depths: list[int], counts: list[float]) -> int:
-    """The depth that COVER of the tree's training rows stop at or above (the deepest
-    leaf's where the model holds no leaf counts)."""
-    rows = sum(counts)
-    if len(counts) != len(leaf_depths) or rows <= 0:
-        return max(leaf_depths)
-    held = 0.0
-    for depth, count in sorted(zip(leaf_depths, counts, strict=True)):
-        held += count
-        if held >= COVER * rows:
-            return depth
-    return max(leaf_depths)
-
-
-def _place(split: dict[str, list[float]], leaves: list[float], values: list[float],
-           codes: list[int]) -> list[int]:
-    """Append one tree depth-first; return each leaf's depth (steps from the root), in
-    LightGBM's leaf order."""
-    leaf_depths = [0] * len(leaves)
-    stack = [(0, 0, -1)]  # (LightGBM child id, depth, parent position to patch or -1)
+def _leaves_in_order(split: dict[str, list[float]], tree: int,
+                     splits: list[tuple[int, float, int, int, int]]) -> list[int]:
+    """Append the tree's splits with their masks; return its leaves (LightGBM's numbers)
+    from left to right. A split going right rules out its left subtree's leaves (bits
+    lo:mid), going left its right subtree's (mid:hi)."""
+    in_order: list[int] = []
+    full = (1 << MAX_LEAVES) - 1
+    spans: dict[int, tuple[int, int]] = {}  # LightGBM child id -> its leaves' bits [lo, hi)
+    stack = [(0, False)]  # (child id, its subtrees done); children before their parent
     while stack:
-        child, depth, parent = stack.pop()
-        position = len(values)
-        if parent >= 0:  # the right child of `parent` lands here
-            codes[parent] |= (position - parent) << 17
+        child, done = stack.pop()
         if child < 0:
-            values.append(leaves[~child])
-            codes.append(0)
-            leaf_depths[~child] = depth
-            continue
-        values.append(split["threshold"][child])
-        codes.append(int(split["split_feature"][child]) | 1 << _FEATURE_BITS)
-        stack.append((int(split["right_child"][child]), depth + 1, position))
-        stack.append((int(split["left_child"][child]), depth + 1, -1))
-    return leaf_depths
+            spans[child] = (len(in_order), len(in_order) + 1)
+            in_order.append(~child)
+        elif not done:
+            stack.append((child, True))
+            stack.append((int(split["right_child"][child]), False))
+            stack.append((int(split["left_child"][child]), False))
+        else:
+            lo, mid = spans[int(split["left_child"][child])]
+            hi = spans[int(split["right_child"][child])][1]
+            spans[child] = (lo, hi)
+            left_bits = ((1 << (mid - lo)) - 1) << lo
+            right_bits = ((1 << (hi - mid)) - 1) << mid
+            splits.append((int(split["split_feature"][child]), split["threshold"][child], tree,
+                           full & ~left_bits, full & ~right_bits))
+    return in_order
 
 
 def _parse(text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
