@@ -97,11 +97,10 @@ class TwinStream:
                    for f in self.features]
         if any(v is None for v in vectors):
             return Tick(None, None)
-        preds = np.array([base.predict_one(vectors[j])
-                          for base, j in zip(self.twin.stack.bases_, self.twin.spec_of_base,
-                                             strict=True)])
+        preds = [base.predict_one(vectors[j])
+                 for base, j in zip(self.twin.stack.bases_, self.twin.spec_of_base, strict=True)]
         value = self.meta.predict_one(preds, workload)
-        tick = Tick(value, dict(zip(self.twin.names, preds.tolist(), strict=True)))
+        tick = Tick(value, dict(zip(self.twin.names, preds, strict=True)))
         if self.watch is not None:
             tick.residual = float(cores[self.target_index]) - value
             verdict = self.watch.update(tick.residual, workload)

@@ -19,6 +19,7 @@ blocks, score on the next), never by the test period.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +54,17 @@ class LinearMeta:
                     out[rows] = self.intercepts[group] + P[rows] @ w
         return out
 
-    def predict_one(self, p: np.ndarray, workload: str) -> float:
+    def __post_init__(self) -> None:
+        # the weights as Python floats: a tick's 2-vector dot product costs ~3 µs in NumPy
+        self._row_weights = {g: [float(v) for v in w] for g, w in self.weights.items()}
+
+    def predict_one(self, p: Sequence[float], workload: str) -> float:
         """One row of base predictions (a live tick): `predict` without the batch set-up."""
-        group = workload if workload in self.weights else GLOBAL
-        return float(self.intercepts[group] + p @ self.weights[group])
+        group = workload if workload in self._row_weights else GLOBAL
+        total = 0.0
+        for weight, value in zip(self._row_weights[group], p, strict=True):
+            total += weight * value
+        return self.intercepts[group] + total
 
     @property
     def global_weights(self) -> dict[str, float]:
