@@ -80,8 +80,8 @@ def test_regression_models_compile_and_the_fast_path_answers_plain_rows(name):
 def _going_right(forest: CompiledForest, x: np.ndarray) -> float:
     """The share of the forest's splits at which `x` goes right."""
     start = forest.feature_start
-    return sum(np.searchsorted(forest.thresholds[start[f]:start[f + 1]], x[f])
-               for f in range(len(x))) / forest.thresholds.size
+    return sum(np.searchsorted(forest.splits["threshold"][start[f]:start[f + 1]], x[f])
+               for f in range(len(x))) / forest.splits.size
 
 
 def test_rows_scored_from_either_side_land_where_lightgbm_does():

@@ -36,11 +36,14 @@ _CATEGORICAL = 1
 _ZERO = 1e-35  # LightGBM's kZeroThreshold
 
 
+SPLIT = np.dtype([("threshold", np.float64), ("tree", np.int64),
+                  ("right", np.uint64), ("left", np.uint64)])  # leaves ruled out going right/left
+TREE = np.dtype([("leaf_start", np.int64), ("all_leaves", np.uint64)])
+
+
 @numba.njit(cache=True, nogil=True)
-def _score(x: np.ndarray, feature_start: np.ndarray, thresholds: np.ndarray,
-           trees: np.ndarray, right_masks: np.ndarray, left_masks: np.ndarray,
-           all_leaves: np.ndarray, leaf_start: np.ndarray, leaf_values: np.ndarray,
-           zero_missing: bool) -> float:
+def _score(x: np.ndarray, feature_start: np.ndarray, splits: np.ndarray, trees: np.ndarray,
+           leaf_values: np.ndarray, zero_missing: bool) -> float:
     """Sum of the leaf values `x` reaches; NaN where the fast path cannot answer for `x`."""
     for v in x:  # LightGBM reads |v| <= 1e-35 as 0 and may route 0 or NaN apart
         if math.isnan(v) or (v != 0.0 and abs(v) <= _ZERO) or (zero_missing and v == 0.0):
@@ -52,40 +55,41 @@ def _score(x: np.ndarray, feature_start: np.ndarray, thresholds: np.ndarray,
         lo, hi, v = feature_start[f], feature_start[f + 1], x[f]
         while lo < hi:  # the first split whose threshold is not below v
             mid = (lo + hi) >> 1
-            if thresholds[mid] < v:
+            if splits[mid].threshold < v:
                 lo = mid + 1
             else:
                 hi = mid
         cut[f] = lo
         going_right += lo - feature_start[f]
-    alive = all_leaves.copy()
+    alive = np.empty(trees.shape[0], np.uint64)
+    for t in range(trees.shape[0]):
+        alive[t] = trees[t].all_leaves
     total = 0.0
-    if 2 * going_right <= thresholds.shape[0]:
+    if 2 * going_right <= splits.shape[0]:
         for f in range(n_features):
             for i in range(feature_start[f], cut[f]):
-                alive[trees[i]] &= right_masks[i]
-        for t in range(alive.shape[0]):
-            total += leaf_values[leaf_start[t] + np.int64(trailing_zeros(alive[t]))]
+                alive[splits[i].tree] &= splits[i].right
+        for t in range(trees.shape[0]):
+            total += leaf_values[trees[t].leaf_start + np.int64(trailing_zeros(alive[t]))]
     else:
         for f in range(n_features):
             for i in range(cut[f], feature_start[f + 1]):
-                alive[trees[i]] &= left_masks[i]
-        for t in range(alive.shape[0]):
-            total += leaf_values[leaf_start[t] + 63 - np.int64(leading_zeros(alive[t]))]
+                alive[splits[i].tree] &= splits[i].left
+        for t in range(trees.shape[0]):
+            total += leaf_values[trees[t].leaf_start + 63 - np.int64(leading_zeros(alive[t]))]
     return total
 
 
 class CompiledForest:
-    """One booster's splits, by feature and threshold, ready for `_score`;
-    `from_booster` says None where it cannot state the model exactly."""
+    """One booster's splits (`SPLIT` records, by feature and threshold; feature f's are
+    `splits[feature_start[f]:feature_start[f + 1]]`), its trees (`TREE`) and their leaf
+    values, left to right, ready for `_score`; `from_booster` says None where it cannot
+    state the model exactly."""
 
-    def __init__(self, feature_start: np.ndarray, thresholds: np.ndarray, trees: np.ndarray,
-                 right_masks: np.ndarray, left_masks: np.ndarray, all_leaves: np.ndarray,
-                 leaf_start: np.ndarray, leaf_values: np.ndarray, zero_missing: bool) -> None:
-        self.feature_start, self.thresholds, self.trees = feature_start, thresholds, trees
-        self.right_masks, self.left_masks = right_masks, left_masks
-        self.all_leaves, self.leaf_start, self.leaf_values = all_leaves, leaf_start, leaf_values
-        self.zero_missing = zero_missing
+    def __init__(self, feature_start: np.ndarray, splits: np.ndarray, trees: np.ndarray,
+                 leaf_values: np.ndarray, zero_missing: bool) -> None:
+        self.feature_start, self.splits, self.trees = feature_start, splits, trees
+        self.leaf_values, self.zero_missing = leaf_values, zero_missing
 
     @classmethod
     def from_booster(cls, booster: lgb.Booster) -> CompiledForest | None:
@@ -110,12 +114,11 @@ class CompiledForest:
     def _layout(cls, trees: list[dict[str, str]], n_features: int) -> CompiledForest:
         splits: list[tuple[int, float, int, int, int]] = []  # feature, threshold, tree, masks
         leaf_values: list[float] = []
-        leaf_start, all_leaves = [], []
+        tree_rows = np.empty(len(trees), TREE)
         zero_missing = False
         for index, tree in enumerate(trees):
             leaves = [float(v) for v in tree["leaf_value"].split()]
-            leaf_start.append(len(leaf_values))
-            all_leaves.append((1 << len(leaves)) - 1)
+            tree_rows[index] = (len(leaf_values), (1 << len(leaves)) - 1)
             if len(leaves) == 1:
                 leaf_values.append(leaves[0])
                 continue
@@ -128,20 +131,15 @@ class CompiledForest:
         features = np.array([s[0] for s in splits], dtype=np.int64)
         return cls(
             feature_start=np.searchsorted(features, np.arange(n_features + 1)).astype(np.int64),
-            thresholds=np.array([s[1] for s in splits], dtype=np.float64),
-            trees=np.array([s[2] for s in splits], dtype=np.int64),
-            right_masks=np.array([s[3] for s in splits], dtype=np.uint64),
-            left_masks=np.array([s[4] for s in splits], dtype=np.uint64),
-            all_leaves=np.array(all_leaves, dtype=np.uint64),
-            leaf_start=np.array(leaf_start, dtype=np.int64),
+            splits=np.array([s[1:] for s in splits], dtype=SPLIT),
+            trees=tree_rows,
             leaf_values=np.array(leaf_values, dtype=np.float64),
             zero_missing=zero_missing,
         )
 
     def __call__(self, x: np.ndarray) -> float:
         """The raw score for one row, or NaN where LightGBM must answer (see module doc)."""
-        return _score(x, self.feature_start, self.thresholds, self.trees, self.right_masks,
-                      self.left_masks, self.all_leaves, self.leaf_start, self.leaf_values,
+        return _score(x, self.feature_start, self.splits, self.trees, self.leaf_values,
                       self.zero_missing)
 
 
