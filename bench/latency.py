@@ -4,7 +4,7 @@
                             [--mode sensor] [--json]
 
 Fits a stack (default: the seed's pair, v2.0 + v2.3, under its RidgeCV meta-model) on
-the embedded sample, then streams samples through `TwinStream.update` (trees walked by
+the embedded sample, then streams samples through `TwinStream.update` (trees scored by
 the compiled kernel of `models/forest.py`, then by LightGBM's own single-row path) and, in
 the same run, through the naive path a notebook user would write: append the sample to a pandas
 window, recompute the features with pandas, call `Booster.predict` on a one-row

@@ -36,7 +36,7 @@ class Tick:
 class OnlineTwin:
     """A fitted stack, ready to open streams.
 
-    compiled_trees: walk LightGBM bases with the compiled kernel (`models/forest.py`), or
+    compiled_trees: score LightGBM bases with the compiled kernel (`models/forest.py`), or
     with LightGBM's own single-row path; it sets up the stack's bases, so it holds for
     every OnlineTwin of that stack.
     """
