@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import polars as pl
@@ -170,6 +174,28 @@ def test_watch_records_and_exits_cleanly(sample_data, tmp_path):
     lines = [json.loads(line) for line in events.read_text().splitlines()]
     assert all(e["event"] in ("raise", "clear") for e in lines)
     assert sum(e["event"] == "raise" for e in lines) == summary["alarms"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_watch_stopped_by_ctrl_c_or_sigterm_flushes_its_record(sample_data, tmp_path, signum):
+    twin = tmp_path / "portable.cputwin"
+    assert run("train", sample_data, "-o", twin, "--bases", "physics_linear",
+               "--mode", "independent").exit_code == 0
+    rec, events = tmp_path / "rec", tmp_path / "events.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "cputwin", "watch", str(twin), "--record",
+                             str(rec), "--events", str(events), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(list(rec.glob("*.parts/part-*.parquet"))) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["interrupted"] and summary["ticks"] >= 10
+    assert pl.read_parquet(summary["record"]).height == summary["ticks"]
+    assert not list(rec.glob("*.parts")), "the record was left in parts"
+    assert events.exists()
 
 
 def test_watch_feeds_a_twin_the_cpu_use_of_the_workload_it_is_given(tmp_path):

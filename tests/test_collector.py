@@ -176,6 +176,29 @@ def test_samples_survive_kill_9(tmp_path):
     assert "Traceback" not in again.stderr
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_collect_stopped_by_ctrl_c_or_sigterm_stops_its_workload_and_keeps_its_parts(
+        tmp_path, signum):
+    cmd = [sys.executable, "-m", "cputwin", "collect", "--workload", "idle", "--seconds", "60",
+           "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(list(tmp_path.glob("*.parts/part-*.parquet"))) < 3:
+        time.sleep(0.1)
+    workload = psutil.Process(proc.pid).children()
+    assert workload, "the collector runs its workload in a child process"
+    sent_at = time.time()
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == 130 and stderr.strip().endswith("interrupted"), stderr
+    assert "Traceback" not in stderr
+    assert _gone_within(workload, 2.0), "the collector stopped without stopping its workload"
+    parts = list(tmp_path.glob("*.parts"))
+    assert len(parts) == 1
+    ts = pl.read_parquet(parts[0] / "part-*.parquet")["timestamp"].to_numpy()
+    assert ts.size >= 10 and sent_at - ts.max() < 0.5  # flushed on the way out
+
+
 def test_recovery_never_writes_over_a_run(tmp_path):
     (tmp_path / "idle_1.parts").mkdir()
     (tmp_path / "idle_1.parquet").write_bytes(b"a run")

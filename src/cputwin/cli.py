@@ -2,6 +2,7 @@
 
 No logic lives here. Every `CputwinError` is caught once, at the edge, and printed as
 one line on stderr with exit code 2 (a dead workload: 1); warnings print as one line.
+SIGTERM is Ctrl-C.
 Progress goes to stderr, so `--json` leaves exactly one JSON object on stdout.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -459,5 +461,13 @@ def root(
     """cputwin: collect → features → stacked LightGBM twin → honest evaluation."""
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    """The console script. SIGTERM (systemd, `docker stop`, `timeout`) stops a command as
+    Ctrl-C does: watch flushes and closes its record, collect keeps its parts. `serve`'s
+    uvicorn installs its own handlers while it runs."""
+    signal.signal(signal.SIGTERM, _interrupt)
     app()
