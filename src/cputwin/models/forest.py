@@ -35,9 +35,9 @@ _ZERO_MISSING = 1  # LightGBM's missing type "Zero", bits 2-3 of decision_type
 _CATEGORICAL = 1
 _ZERO = 1e-35  # LightGBM's kZeroThreshold
 
-
+# right / left: the bits of the tree's leaves still possible once x goes right / left here
 SPLIT = np.dtype([("threshold", np.float64), ("tree", np.int64),
-                  ("right", np.uint64), ("left", np.uint64)])  # leaves ruled out going right/left
+                  ("right", np.uint64), ("left", np.uint64)])
 TREE = np.dtype([("leaf_start", np.int64), ("all_leaves", np.uint64)])
 
 

@@ -55,7 +55,8 @@ class LinearMeta:
         return out
 
     def __post_init__(self) -> None:
-        # the weights as Python floats: a tick's 2-vector dot product costs ~3 µs in NumPy
+        # the weights as Python floats: for a tick, a NumPy dot product (and the array it
+        # needs) costs twice this sum (1.7 against 0.8 µs)
         self._row_weights = {g: [float(v) for v in w] for g, w in self.weights.items()}
 
     def predict_one(self, p: Sequence[float], workload: str) -> float:
