@@ -100,6 +100,24 @@ def test_rows_scored_from_either_side_land_where_lightgbm_does():
     np.testing.assert_array_equal([forest(x) for x in X], booster.predict(X, num_threads=1))
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), leaves=st.integers(2, 64),
+       n_features=st.integers(1, 12), min_child=st.integers(1, 20))
+def test_any_tree_shape_scores_as_lightgbm_does(seed, leaves, n_features, min_child):
+    """Forests of random shape (balanced or lopsided, 2 to 64 leaves, few or many features,
+    coarse or fine thresholds) score every row exactly as LightGBM does."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(0, 10, size=(600, n_features)).round(int(rng.integers(0, 3)))
+    y = np.tanh(X[:, 0] / 5) * 30 + X[:, -1] ** 2 / 20 + rng.normal(0, 1, len(X))
+    booster = lgb.train(dict(objective="regression", num_leaves=leaves, learning_rate=0.2,
+                             min_child_samples=min_child, min_child_weight=0, verbose=-1,
+                             deterministic=True, force_col_wise=True, seed=0),
+                        lgb.Dataset(X, y), num_boost_round=15)
+    forest = CompiledForest.from_booster(booster)
+    rows = np.vstack([X[:200], rng.normal(0, 20, size=(100, n_features))])
+    np.testing.assert_array_equal([forest(x) for x in rows], booster.predict(rows, num_threads=1))
+
+
 def test_trees_of_one_leaf_and_of_64_leaves_are_scored():
     X, y = _data(11)
     flat = _train({"objective": "regression"}, X, np.full(len(y), 3.25))
