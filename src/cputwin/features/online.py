@@ -45,16 +45,27 @@ class OnlineFeatures:
         # where each cell sits in the flattened ring, for each position of the ring's head
         self.cell_flat = [((head - cell_lag) % self.length) * len(sources) + cell_src
                           for head in range(self.length)]
-        # windows: grouped by length, so each length slices the ring once
-        # (is_std None: the group holds means only, and skips the deviations)
-        self.windows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
-        for w in sorted({op.param for op in ops if op.kind in ("mean", "std")}):
+        # windows: the last `longest` rows of every source a window reads, newest first,
+        # are gathered once per tick (one take through a flat index per ring head); a window
+        # of length w is the first w of them, the same rows in the same order
+        windowed = [op for op in ops if op.kind in ("mean", "std")]
+        window_sources = sorted({index[op.source] for op in windowed})
+        longest = max((op.param for op in windowed), default=0)
+        back = np.arange(longest)
+        self.recent_flat = [((head - back) % self.length)[:, None] * len(sources)
+                            + np.array(window_sources, dtype=int)[None, :]
+                            for head in range(self.length)]
+        # per length: its outputs, its columns of the gathered block (None: all, in order)
+        # and which are deviations (None: means only, which skip the deviations)
+        self.windows: list[tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+        for w in sorted({op.param for op in windowed}):
             members = [i for i, op in enumerate(ops) if op.kind in ("mean", "std") and op.param == w]
+            columns = [window_sources.index(index[ops[i].source]) for i in members]
             is_std = np.array([ops[i].kind == "std" for i in members])
             self.windows.append((
-                np.arange(w),
+                w,
                 np.array(members, dtype=int),
-                np.array([index[ops[i].source] for i in members], dtype=int),
+                None if columns == list(range(len(window_sources))) else np.array(columns),
                 is_std if is_std.any() else None,
             ))
         self.onehot = [(i, op.source) for i, op in enumerate(ops) if op.kind == "onehot"]
@@ -96,15 +107,16 @@ class OnlineFeatures:
             return None
         x = np.empty(self.n_features)
         x[self.cell_out] = self.ring.ravel().take(self.cell_flat[head])
-        for back, out, src, is_std in self.windows:
+        recent = self.ring.ravel().take(self.recent_flat[head]) if self.windows else None
+        for w, out, columns, is_std in self.windows:
             # mean and sample std by the same NumPy reductions np.mean / np.std use
-            block = self.ring[(head - back) % self.length][:, src]
-            mean = np.add.reduce(block, axis=0) / back.size
+            block = recent[:w] if columns is None else recent[:w, columns]
+            mean = np.add.reduce(block, axis=0) / w
             if is_std is None:  # means only
                 x[out] = np.round(mean, WINDOW_DECIMALS)
                 continue
             dev = block - mean
-            std = np.sqrt(np.add.reduce(dev * dev, axis=0) / (back.size - 1))
+            std = np.sqrt(np.add.reduce(dev * dev, axis=0) / (w - 1))
             x[out] = np.round(np.where(is_std, std, mean), WINDOW_DECIMALS)
         for i, category in self.onehot:
             x[i] = 1.0 if workload == category else 0.0
