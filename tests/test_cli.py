@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -199,10 +200,6 @@ def test_watch_stopped_by_ctrl_c_or_sigterm_flushes_its_record(sample_data, tmp_
 
 
 def test_watch_feeds_a_twin_the_cpu_use_of_the_workload_it_is_given(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     cores = os.cpu_count()
     files = [write_run(synthetic_run(n=300, cores=cores, seed=i, t0=1e9 + 1e4 * i), tmp_path,
                        f"r{i}") for i in range(3)]
