@@ -7,7 +7,7 @@ predictions equal the batch path's on every row (a test replays recorded runs to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -21,9 +21,24 @@ from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, WORKLOAD, Schema
 
 
 @dataclass
+class CoreTick:
+    """One watched core's outcome for one sample."""
+
+    target: str
+    prediction: float
+    residual: float | None = None
+    score: float | None = None
+    alarm: bool = False
+    event: str | None = None
+
+
+@dataclass
 class Tick:
     """One sample's outcome: the twin's value (None until history is complete), the bases',
-    and with a detector: residual (observed − twin), score, alarm state, raise/clear event."""
+    and with a detector: residual (observed − twin), score, alarm state, raise/clear event.
+
+    The top-level fields are the first watched core's; `cores` holds every watched core
+    (one for a twin of one core, all of them for a machine twin), empty until history."""
 
     prediction: float | None
     bases: dict[str, float] | None
@@ -31,6 +46,7 @@ class Tick:
     score: float | None = None
     alarm: bool = False
     event: str | None = None
+    cores: list[CoreTick] = field(default_factory=list)
 
 
 class OnlineTwin:
@@ -62,6 +78,7 @@ class OnlineTwin:
         self.compiled = [compile_spec(spec, stack.target, cores, stack.workloads_, stack.hosts_)
                          for spec in specs]
         self.names = [b.name for b in stack.base_specs_]
+        self.targets = [stack.target]  # the watched cores
         # whether samples must carry the workload's own CPU use (workload_cpu_percent)
         self.reads_workload_cpu = any(b.features.reads_workload_cpu for b in stack.base_specs_)
         for base in stack.bases_:
@@ -105,6 +122,8 @@ class TwinStream:
             tick.residual = float(cores[self.target_index]) - value
             verdict = self.watch.update(tick.residual, workload)
             tick.score, tick.alarm, tick.event = verdict.score, verdict.alarm, verdict.event
+        tick.cores = [CoreTick(self.twin.stack.target, value, tick.residual, tick.score,
+                               tick.alarm, tick.event)]
         return tick
 
 
