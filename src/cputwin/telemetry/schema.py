@@ -11,6 +11,9 @@ from dataclasses import dataclass
 TIMESTAMP = "timestamp"
 OVERALL = "cpu_util_overall"
 WORKLOAD = "workload_type"
+# The workload of runs that carry no `workload_type` (telemetry from Prometheus,
+# node_exporter, Telegraf, CSV exports): all of them are one workload of this name.
+UNLABELLED = "unlabelled"
 RUN_COLUMN = "run"
 HOST = "host"
 CORE_PREFIX = "cpu_util_core_"
