@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,6 +16,7 @@ from cputwin import load_runs
 from cputwin.errors import DataError
 from cputwin.telemetry.collector import Collector
 from cputwin.telemetry.ingest import DataWarning, load_hosts
+from cputwin.telemetry.schema import UNLABELLED
 from helpers import synthetic_run, write_run
 
 
@@ -24,7 +29,6 @@ def _nan_in_core(f: pl.DataFrame) -> pl.DataFrame:
 BAD_RUNS = [
     (lambda f: f.drop("cpu_util_core_2"), "missing required column 'cpu_util_core_2'"),
     (lambda f: f.drop("cpu_util_overall"), "missing required column 'cpu_util_overall'"),
-    (lambda f: f.drop("workload_type"), "missing required column 'workload_type'"),
     (lambda f: f.drop([c for c in f.columns if c.startswith("cpu_util_core")]), "no per-core data"),
     (lambda f: f.with_columns(pl.col("cpu_util_core_0").cast(pl.String)), "must be numeric"),
     (_nan_in_core, "missing (null or NaN) values"),
@@ -34,6 +38,15 @@ BAD_RUNS = [
     (lambda f: f.with_columns(pl.lit(101.0).alias("cpu_util_core_3")), "outside [0, 100]"),
     (lambda f: f.with_columns(pl.lit(-1.0).alias("cpu_util_overall")), "outside [0, 100]"),
     (lambda f: f.head(0), "holds no rows"),
+    (lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 7).then(float("inf"))
+                              .otherwise(pl.col("timestamp")).alias("timestamp")),
+     "'timestamp' has infinite values"),
+    (lambda f: f.with_columns(pl.lit(-5.0).alias("workload_cpu_percent")),
+     "'workload_cpu_percent' has 200 negative or infinite"),
+    (lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) < 2).then(float("inf"))
+                              .otherwise(pl.col("workload_cpu_percent"))
+                              .alias("workload_cpu_percent")),
+     "'workload_cpu_percent' has 2 negative or infinite"),
 ]
 
 
@@ -160,9 +173,12 @@ def valid_runs(draw):
     cols = {f"cpu_util_core_{i}": draw(st.lists(util, min_size=n, max_size=n)) for i in range(cores)}
     start = draw(st.floats(0, 2e9, allow_nan=False))
     steps = draw(st.lists(st.floats(0.01, 10), min_size=n, max_size=n))
+    # the overall load is the mean of the cores, give or take half a point
+    jitter = draw(st.lists(st.floats(-0.5, 0.5), min_size=n, max_size=n))
+    overall = np.clip(np.mean(list(cols.values()), axis=0) + jitter, 0, 100)
     return pl.DataFrame({
         "timestamp": np.cumsum([start, *steps[1:]]),
-        "cpu_util_overall": draw(st.lists(util, min_size=n, max_size=n)),
+        "cpu_util_overall": overall,
         **cols,
         "workload_type": [draw(st.sampled_from(["cpu_bound", "idle", "x y"]))] * n,
     })
@@ -222,3 +238,81 @@ def test_any_shuffle_of_many_runs_in_one_file_loads_as_each_run_sorted(tmp_path,
         assert run["timestamp"].is_sorted() and run["timestamp"].n_unique() == run.height
         want = expected.filter(pl.col("run") == name[0]).sort("timestamp", maintain_order=True)
         assert run["cpu_util_core_1"].to_list() == want["cpu_util_core_1"].to_list()
+
+
+def test_a_run_without_labels_is_one_unlabelled_workload(tmp_path):
+    f = synthetic_run(n=30)
+    write_run(f.drop("workload_type"), tmp_path / "a", "none")
+    write_run(f.with_columns(pl.lit(None, pl.String).alias("workload_type")), tmp_path / "a",
+              "empty")
+    out = load_runs(tmp_path / "a")
+    assert out["workload_type"].to_list() == [UNLABELLED] * 60
+    # mixed with labelled runs: each run keeps what it has
+    write_run(f, tmp_path / "a", "labelled")
+    mixed = load_runs(tmp_path / "a")
+    assert dict(mixed.group_by("run").agg(pl.col("workload_type").first()).rows()) == {
+        "empty": UNLABELLED, "labelled": "cpu_bound", "none": UNLABELLED}
+    # a label missing on some rows only is still an error
+    holes = f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(None)
+                           .otherwise(pl.col("workload_type")).alias("workload_type"))
+    with pytest.raises(DataError, match="'workload_type' has 1 missing"):
+        load_runs(write_run(holes, tmp_path / "b", "holes"))
+
+
+def test_missing_workload_cpu_is_accepted(tmp_path):
+    f = synthetic_run(n=30).with_columns(pl.lit(float("nan")).alias("workload_cpu_percent"))
+    assert load_runs(write_run(f, tmp_path, "nan")).height == 30
+
+
+def _drop_last_core(frame: pl.DataFrame) -> pl.DataFrame:
+    cores = [c for c in frame.columns if c.startswith("cpu_util_core_")]
+    return frame.drop(cores[-1])
+
+
+@pytest.mark.parametrize("source", ["seed", "sample"])
+def test_recorded_runs_pass_the_overall_check_and_fail_it_without_a_core(
+        request, tmp_path, source):
+    folder = request.getfixturevalue("seed_data" if source == "seed" else "sample_data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        warnings.filterwarnings("ignore", ".*(timestamps were not sorted|dropped)", DataWarning)
+        load_runs(folder)  # no warning about the overall either
+    for path in sorted(folder.glob("*.parquet")):
+        write_run(_drop_last_core(pl.read_parquet(path)), tmp_path, path.stem)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        with pytest.raises(DataError, match=r"not the mean of the (7|1) core columns.*median "
+                                            r"\|overall − mean\(cores\)\| \d+\.\d\d points") as info:
+            load_runs(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_overall_a_little_off_warns_and_far_off_is_refused(tmp_path):
+    f = synthetic_run(n=100, cores=4)  # 10 Hz, 4 cores: one reading's resolution is 2.5 points
+    shifted = [f.with_columns((pl.col("cpu_util_overall") + d).clip(0, 100)) for d in (2.2, 3.0)]
+    with pytest.warns(DataWarning, match=r"median \|overall − mean\(cores\)\| 2\.\d\d points"):
+        load_runs(write_run(shifted[0], tmp_path / "warn", "r"))
+    with pytest.raises(DataError, match="is a core column missing"):
+        load_runs(write_run(shifted[1], tmp_path / "refuse", "r"))
+
+
+def test_the_collectors_core_count_must_match_the_columns(tmp_path):
+    result = Collector(rate=20).record("idle", 0.5, tmp_path / "rec")
+    raw = pq.read_table(result.path)
+    cores = [c for c in raw.column_names if c.startswith("cpu_util_core_")]
+    fewer = raw.drop([cores[-1]]).replace_schema_metadata(raw.schema.metadata)
+    pq.write_table(fewer, tmp_path / "fewer.parquet")
+    with pytest.raises(DataError, match=f"recorded {len(cores)} logical cores, the file has "
+                                        f"{len(cores) - 1} core columns"):
+        load_runs(tmp_path / "fewer.parquet")
+
+
+def test_a_fifo_is_refused_at_once(tmp_path):
+    """A named pipe called run.parquet would block the reader forever (and SIGTERM with it)."""
+    fifo = tmp_path / "run.parquet"
+    os.mkfifo(fifo)
+    code = f"from cputwin import load_runs; load_runs({str(fifo)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert f"DataError: {fifo}: not a regular file" in proc.stderr

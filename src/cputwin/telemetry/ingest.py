@@ -2,6 +2,11 @@
 
 Every problem is reported as a one-line `DataError` naming the file; repairable
 problems (unsorted or duplicated timestamps) are repaired with a warning.
+
+Labels are optional: a run without a `workload_type` column (or with that column empty)
+is one workload, `UNLABELLED` ("unlabelled"). Mixed data keeps both kinds: labelled
+runs keep their labels and the unlabelled ones form their own category, which a twin
+treats as any other label (a twin that never saw it treats it as an unseen workload).
 """
 
 from __future__ import annotations
@@ -21,13 +26,26 @@ from cputwin.telemetry.schema import (
     OVERALL,
     RUN_COLUMN,
     TIMESTAMP,
+    UNLABELLED,
     WORKLOAD,
+    WORKLOAD_CPU,
     Schema,
     core_column,
     core_columns_in,
+    reading_resolution,
 )
 
 PathLike = str | Path
+
+# `cpu_util_overall` is the mean of the cores, read at a slightly different instant: per
+# run, the median |overall − mean(cores)| is a fraction of one reading's resolution over
+# the cores (`reading_resolution(step) / cores`, at least 1 point): at most 0.56 of it in
+# the seed's runs and the embedded sample. With any one core column dropped it is 1.31 or
+# more in every seed run whose cores differ (a run whose cores all carry the same load
+# cannot show a missing one). Above REFUSE the file is refused, above WARN it warns.
+MISMATCH_WARN, MISMATCH_REFUSE = 0.75, 1.0
+MISMATCH_MIN_ROWS = 10  # fewer rows say too little about a median
+
 
 
 class DataWarning(UserWarning):
@@ -56,6 +74,9 @@ def resolve_paths(source: PathLike | Iterable[PathLike]) -> list[Path]:
             raise DataError(f"{item}: no such file or folder")
     if not paths:
         raise DataError("no telemetry files given")
+    for p in paths:  # a FIFO or device would block the reader for good
+        if not p.is_file():
+            raise DataError(f"{p}: not a regular file (a telemetry file must be one)")
     return paths
 
 
@@ -133,7 +154,41 @@ def read_run(path: Path) -> pl.DataFrame:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: cannot read as parquet ({first})") from None
     frame = check_run(raw, path)
+    try:
+        cores = read_metadata(path).get("logical_cores")
+    except Exception:  # metadata that cannot be read is no metadata
+        cores = None
+    check_overall(frame, path, cores if isinstance(cores, int) else None)
     return frame.insert_column(1, pl.Series(HOST, [host_of(path, raw)] * frame.height))
+
+
+def check_overall(frame: pl.DataFrame, path: Path | str, logical_cores: int | None = None
+                  ) -> None:
+    """Refuse a run whose overall load is not the mean of its cores (a core column missing,
+    an overall from elsewhere), or whose collector recorded another core count."""
+    cores = core_columns_in(frame.columns)
+    if logical_cores is not None and logical_cores != len(cores):
+        raise DataError(f"{path}: the collector recorded {logical_cores} logical cores, the "
+                        f"file has {len(cores)} core columns")
+    per_run = (frame.group_by(RUN_COLUMN, maintain_order=True)
+               .agg((pl.col(OVERALL) - pl.mean_horizontal(cores)).abs().median().alias("gap"),
+                    pl.col(TIMESTAMP).diff().median().alias("step"), pl.len().alias("rows"))
+               .filter(pl.col("rows") >= MISMATCH_MIN_ROWS))
+    if per_run.height == 0:
+        return
+    units = [max(reading_resolution(step or 0.0) / len(cores), 1.0)
+             for step in per_run["step"].to_list()]
+    ratio = per_run["gap"].to_numpy() / units
+    worst = int(ratio.argmax())
+    if ratio[worst] <= MISMATCH_WARN:
+        return
+    run, gap = per_run[RUN_COLUMN][worst], per_run["gap"][worst]
+    message = (f"{path}: {OVERALL} is not the mean of the {len(cores)} core columns (run "
+               f"{run!r}: median |overall − mean(cores)| {gap:.2f} points, at most "
+               f"{MISMATCH_REFUSE * units[worst]:.2f} expected at this rate)")
+    if ratio[worst] > MISMATCH_REFUSE:
+        raise DataError(message + "; is a core column missing?")
+    warnings.warn(message, DataWarning, stacklevel=3)
 
 
 def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
@@ -151,12 +206,15 @@ def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
     for col in numeric:
         if not raw[col].dtype.is_numeric():
             raise DataError(f"{path}: column {col!r} must be numeric, found {raw[col].dtype}")
-    for col in [*numeric, WORKLOAD]:
+    labelled = WORKLOAD in raw.columns and raw[WORKLOAD].null_count() < raw.height
+    for col in [*numeric, *([WORKLOAD] if labelled else [])]:
         bad = raw[col].null_count() + (raw[col].is_nan().sum() if col in numeric else 0)
         if bad:
             raise DataError(f"{path}: column {col!r} has {bad} missing (null or NaN) values")
-    if raw[WORKLOAD].dtype != pl.String:
+    if labelled and raw[WORKLOAD].dtype != pl.String:
         raise DataError(f"{path}: column {WORKLOAD!r} must hold text labels")
+    if raw[TIMESTAMP].is_infinite().any():
+        raise DataError(f"{path}: column {TIMESTAMP!r} has infinite values")
     for col in schema.utilisation_columns:
         lo, hi = raw[col].min(), raw[col].max()
         if lo < 0 or hi > 100:
@@ -176,9 +234,18 @@ def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
         pl.col(TIMESTAMP).cast(pl.Float64),
         *[pl.col(c).cast(pl.Float64) for c in schema.utilisation_columns],
         *[e.alias(c) for e, c in zip(optional, OPTIONAL_COLUMNS, strict=True)],
-        pl.col(WORKLOAD),
+        (pl.col(WORKLOAD) if labelled else pl.lit(UNLABELLED)).alias(WORKLOAD),
     )
+    check_workload_cpu(frame[WORKLOAD_CPU], path)
     return repair_order(frame, path)
+
+
+def check_workload_cpu(column: pl.Series, path: Path | str) -> None:
+    """The workload's CPU use is a percentage of cores: never negative or infinite (NaN or
+    null is a sample where it was not measured)."""
+    bad = int(((column < 0) | column.is_infinite()).sum())
+    if bad:
+        raise DataError(f"{path}: column {WORKLOAD_CPU!r} has {bad} negative or infinite values")
 
 
 def repair_order(frame: pl.DataFrame, path: Path | str) -> pl.DataFrame:
@@ -216,4 +283,5 @@ def _is_ordered(ts: pl.Series, run_index: pl.Series | None) -> bool:
     return bool(((step == 1) | ((step == 0) & rising)).all())
 
 
-__all__ = ["DataWarning", "OVERALL", "load_runs", "read_run", "resolve_paths", "schema_of"]
+__all__ = ["UNLABELLED", "DataWarning", "OVERALL", "load_runs", "read_run", "resolve_paths",
+           "schema_of"]

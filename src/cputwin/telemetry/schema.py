@@ -25,11 +25,21 @@ TEMP_COLUMN = "cpu_temp_celsius_avg"
 WORKLOAD_CPU = "workload_cpu_percent"
 OPTIONAL_COLUMNS = (*FREQ_COLUMNS, TEMP_COLUMN, WORKLOAD_CPU)
 
+# Linux counts CPU time in 1/USER_HZ s: over a step of s seconds one core's utilisation
+# moves in steps of 100 / (USER_HZ × s) points (10 at 10 Hz).
+USER_HZ = 100
+
 _CORE_RE = re.compile(r"^cpu_util_core_(\d+)$")
 
 
 def core_column(index: int) -> str:
     return f"{CORE_PREFIX}{index}"
+
+
+def reading_resolution(step_s: float) -> float:
+    """Points of one core's utilisation that one clock tick is worth over a sample of
+    `step_s` seconds (at most 100: a step shorter than a tick)."""
+    return min(100.0, 100.0 / (USER_HZ * step_s)) if step_s > 0 else 100.0
 
 
 def core_columns_in(columns: list[str] | tuple[str, ...]) -> list[str]:
@@ -54,7 +64,8 @@ class Schema:
 
     @property
     def required_columns(self) -> list[str]:
-        return [TIMESTAMP, *self.utilisation_columns, WORKLOAD]
+        """Columns every run must have (`workload_type` is optional: see UNLABELLED)."""
+        return [TIMESTAMP, *self.utilisation_columns]
 
     def column_order(self) -> list[str]:
         """The on-disk column order the collector writes (the seed's order)."""
