@@ -145,7 +145,21 @@ def render_summary(summary: dict) -> None:
     weights = " / ".join(f"{k} {v:.4f}" for k, v in summary["meta"]["weights"].items())
     kind = summary["meta"].get("kind", "ridge")
     out.print(f"meta-model {kind}: weights {weights}; intercept {summary['meta']['intercept']:.4f}")
+    if "timing" in summary:
+        out.print(timing_line(summary["timing"]), highlight=False)
     out.print(summary["verdict"], style="bold", highlight=False)
+
+
+def timing_line(timing: dict) -> str:
+    """What the twin's history covers: samples, and seconds at its data's rate."""
+    def span(key: str) -> str:
+        n, sec = timing[key]["samples"], timing[key]["seconds"]
+        return f"{n} samples" + ("" if sec is None else f" = {sec:g} s")
+
+    rate = "rate unknown" if timing["rate_hz"] is None else (
+        f"one sample every {timing['step_s']:.3g} s ({timing['rate_hz']:.3g} Hz)")
+    return (f"history {span('history')} (longest lag {span('longest_lag')}, longest window "
+            f"{span('longest_window')}): {rate}")
 
 
 def group_table(group: str, entries: dict, models: list[str]) -> Table:
@@ -247,6 +261,8 @@ def train(
                   f"(target {target}, mode {mode}, {one['rows']} rows, "
                   f"meta-model {one['meta']['kind']})")
         out.print("out-of-fold R²: " + ", ".join(f"{k} {_fmt(v['r2'])}" for k, v in oof.items()))
+        if "timing" in one:
+            out.print(timing_line(one["timing"]), highlight=False)
 
 
 @app.command()
@@ -364,7 +380,9 @@ def sparkline(values: list[float]) -> str:
 @app.command()
 def watch(
     twin: Annotated[Path, typer.Argument(help="A .cputwin file trained on this kind of machine.")],
-    workload: Annotated[str, typer.Option(help="Label of what this machine is running.")] = "idle",
+    workload: Annotated[str | None, typer.Option(
+        help="Label of what this machine is running (default: none, the 'unlabelled' "
+             "workload).", show_default=False)] = None,
     seconds: Annotated[float | None, typer.Option(help="Stop after this long (default: Ctrl-C).")]
     = None,
     rate: Annotated[float, typer.Option(help="Samples per second.")] = 10.0,
@@ -388,6 +406,7 @@ def watch(
         from cputwin.live.watch import watch as run_watch
 
         stack, detector, _ = pipeline.open_twin(twin)
+        workload = pipeline.live_workload(stack, workload)
         observed, predicted = deque(maxlen=60), deque(maxlen=60)
         live = Live(console=err, auto_refresh=False,
                     transient=False) if err.is_terminal and not as_json else None

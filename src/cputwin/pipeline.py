@@ -7,6 +7,7 @@ callback taking a short message.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,11 +30,12 @@ from cputwin.evaluation.protocols import (
     local_fit,
 )
 from cputwin.evaluation.report import write_report
+from cputwin.features.engine import unseen_workloads
 from cputwin.live.detector import Detector, calibrate
 from cputwin.models import TwinStack
 from cputwin.models.base import params_for, resolve_bases
-from cputwin.telemetry.ingest import load_hosts, load_runs, resolve_paths, schema_of
-from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, WORKLOAD
+from cputwin.telemetry.ingest import DataWarning, load_hosts, load_runs, resolve_paths, schema_of
+from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD
 
 Progress = Callable[[str, float], None]
 PROTOCOLS = ("honest", "seed", "both")
@@ -151,6 +153,8 @@ def _evaluate_target(frame, test_frame, target, protocol, train_fraction, report
             runs.append(evaluate_seed(frame, target=target, progress=report))
         if protocol in ("honest", "both"):
             runs.append(evaluate_honest(frame, stack, train_fraction, report, fit)[0])
+    if protocol != "seed":  # the twin's lags and windows, in samples and seconds
+        runs[-1].summary["timing"] = stack.time_span()
     summary = ({**{e.summary["protocol"]: e.summary for e in runs}, "audit": runs[0].audit}
                if protocol == "both" else runs[0].summary)
     return summary, runs
@@ -226,6 +230,7 @@ def train_frame(
     save_twin(stack, out, training=training, metrics=metrics, detector=detector.to_dict())
     return {"twin": str(out), "target": target, "mode": stack.mode, "rows": frame.height,
             **({"hosts": training["hosts"]} if "hosts" in training else {}), **metrics,
+            "timing": stack.time_span(),
             "meta": {"kind": stack.meta_.kind, "weights": stack.meta_weights_,
                      "intercept": stack.meta_intercept_}}
 
@@ -252,6 +257,15 @@ def predict(twin: Path, data: Any, out: Path) -> dict[str, Any]:
     if ok.sum() >= 2:
         result["scores"] = scores(frame[stack.target].to_numpy()[ok], pred[ok])
     return result
+
+
+def live_workload(stack: TwinStack, workload: str | None) -> str:
+    """The workload live samples are labelled with: the one given, else UNLABELLED (with
+    a warning when the twin never saw that label)."""
+    label = workload or UNLABELLED
+    if note := unseen_workloads([label], stack.workloads_):
+        warnings.warn(note, DataWarning, stacklevel=2)
+    return label
 
 
 def open_twin(path: Path) -> tuple[TwinStack, Detector | None, dict[str, Any]]:

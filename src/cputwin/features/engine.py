@@ -28,6 +28,7 @@ from cputwin.telemetry.schema import (
     OVERALL,
     RUN_COLUMN,
     TIMESTAMP,
+    UNLABELLED,
     WORKLOAD,
     WORKLOAD_CPU,
 )
@@ -355,11 +356,25 @@ def _matrix_contiguous(base: pl.DataFrame, compiled: CompiledSpec, dtype) -> np.
 def warn_unseen_workloads(frame: pl.DataFrame, workloads: list[str], spec: FeatureSpec) -> None:
     if not spec.workload:
         return
-    unseen = sorted(set(frame[WORKLOAD].unique().to_list()) - set(workloads))
-    if unseen:
-        warnings.warn(
-            f"workload labels not seen in training: {', '.join(unseen)} "
-            "(their one-hot columns are all zero)",
-            DataWarning,
-            stacklevel=3,
-        )
+    message = unseen_workloads(frame[WORKLOAD].unique().to_list(), workloads)
+    if message:
+        warnings.warn(message, DataWarning, stacklevel=3)
+
+
+def unseen_workloads(labels: list[str], known: list[str]) -> str | None:
+    """The one line that says which of `labels` a twin trained on `known` never saw (None
+    when it saw them all). Such a label is an unseen workload: its one-hot columns are all
+    zero, and the meta-model and detector use their global settings. Samples without a
+    label are the workload UNLABELLED, which a twin trained on labelled runs never saw."""
+    unseen = sorted(set(labels) - set(known))
+    if not unseen:
+        return None
+    message = (f"workload labels not seen in training: {', '.join(unseen)} (unseen workloads: "
+               "their one-hot columns are all zero, the meta-model and the detector use their "
+               "global settings)")
+    if known == [UNLABELLED]:
+        return message + "; this twin was trained without labels: leave them out"
+    if UNLABELLED in unseen:
+        return (message + f"; samples without a label are {UNLABELLED!r}, and this twin was "
+                f"trained on labelled runs ({', '.join(known)}): label them for its accuracy")
+    return message

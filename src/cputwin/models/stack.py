@@ -10,6 +10,7 @@ cannot do this: `cross_val_predict` needs folds that partition the data.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ from cputwin.models.base import (
     resolve_bases,
 )
 from cputwin.models.meta import META_KINDS, LinearMeta, choose_meta, fit_meta
-from cputwin.telemetry.ingest import schema_of
+from cputwin.telemetry.ingest import DataWarning, sample_step, schema_of
 from cputwin.telemetry.schema import HOST, RUN_COLUMN, WORKLOAD, Schema
 
 Progress = Callable[[str, float], None]  # (what is running, fraction of fit done)
@@ -123,6 +124,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
             raise ModelError(f"bases must have distinct names, got {names}")
         self.history_ = max(b.features.history for b in self.base_specs_)
         self.gap_ = self.history_ if self.gap is None else int(self.gap)
+        self.step_s_ = sample_step(frame)  # the data's rate: lags count its samples
 
     def fit_from(self, rows: TrainingRows, progress: Progress | None = None) -> TwinStack:
         """The honest fit on prepared training rows, wherever they live (`LocalRows` here,
@@ -192,6 +194,36 @@ class TwinStack(RegressorMixin, BaseEstimator):
     @property
     def meta_intercept_(self) -> float:
         return float(self.meta_.intercepts["*"])
+
+    @property
+    def sample_rate_hz_(self) -> float | None:
+        """Samples per second of the training data (None: not known, a twin saved before
+        it was recorded, or runs of one sample)."""
+        return 1.0 / self.step_s_ if self.step_s_ else None
+
+    def time_span(self) -> dict[str, Any]:
+        """What its lags and windows cover: counted in samples, so in seconds at the rate
+        of its training data (a twin fed data at another rate looks as far back in samples)."""
+        lags = [max(v) for b in self.base_specs_ for v in b.features.lags.values() if v]
+        windows = [w for b in self.base_specs_ for ws in b.features.windows.values()
+                   for w, _ in ws]
+        spans = {"history": self.history_, "longest_lag": max(lags, default=0),
+                 "longest_window": max(windows, default=0)}
+        step = self.step_s_
+        return {"step_s": step, "rate_hz": self.sample_rate_hz_,
+                **{k: {"samples": n, "seconds": None if step is None else round(n * step, 3)}
+                   for k, n in spans.items()}}
+
+    def warn_rate(self, frame: pl.DataFrame) -> None:
+        """Warn when `frame` is sampled at another rate than the training data: lags and
+        windows count samples, so they would reach back over another stretch of time."""
+        step = sample_step(frame)
+        if self.step_s_ and step and not 0.8 <= step / self.step_s_ <= 1.25:
+            warnings.warn(
+                f"data sampled every {step:.3g} s, this twin's training data every "
+                f"{self.step_s_:.3g} s: its history of {self.history_} samples covers "
+                f"{self.history_ * step:.3g} s here instead of {self.history_ * self.step_s_:.3g} s;"
+                " train a twin on data at this rate", DataWarning, stacklevel=3)
 
     @property
     def portable_(self) -> bool:
@@ -276,6 +308,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
                 "(only a twin of portable bases, --bases portable, moves between machines)"
             )
         got.check_target(self.target)
+        self.warn_rate(frame)
         mats = self._features(frame)
         valid = np.logical_and.reduce([m.valid for m in mats])
         out = {}
@@ -324,6 +357,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
                        "feature_dtype": self.feature_dtype},
             "base_params": self.base_params_,
             "n_train_rows": self.n_train_rows_,
+            "step_s": self.step_s_,
         }
 
     @classmethod
@@ -347,6 +381,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
         stack.gap_ = int(p["gap"])
         stack.base_params_ = data["base_params"]
         stack.n_train_rows_ = int(data["n_train_rows"])
+        stack.step_s_ = data.get("step_s")  # absent from twins saved before it was recorded
         return stack
 
 

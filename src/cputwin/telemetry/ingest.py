@@ -146,6 +146,15 @@ def schema_of(frame: pl.DataFrame) -> Schema:
     return Schema(n_cores=count_cores(frame))
 
 
+def sample_step(frame: pl.DataFrame) -> float | None:
+    """The data's sampling interval in seconds: the median step between a run's samples
+    (None when no run has two)."""
+    diff = pl.col(TIMESTAMP).diff()
+    step = frame.select((diff.over(RUN_COLUMN) if RUN_COLUMN in frame.columns else diff)
+                        .median()).item()
+    return float(step) if step is not None and step > 0 else None
+
+
 def read_run(path: Path) -> pl.DataFrame:
     """Read one parquet run and check it against the schema."""
     try:
