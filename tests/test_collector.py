@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -207,3 +208,101 @@ def test_recovery_never_writes_over_a_run(tmp_path):
     assert (tmp_path / "idle_1.parquet").read_bytes() == b"a run"
     with pytest.raises(DataError, match="not a folder of run parts"):
         recover_parts(tmp_path / "idle_1.parquet")
+
+
+def test_a_run_never_replaces_a_file_of_the_same_name(tmp_path):
+    """Two runs of one workload in one second got one name, and the second replaced the
+    first: the run takes the next free name instead."""
+    from datetime import datetime, timedelta
+
+    now = datetime.now()
+    taken = {}
+    for s in range(-1, 4):  # every name this run could get from the clock
+        path = tmp_path / f"idle_{(now + timedelta(seconds=s)).strftime('%Y%m%d_%H%M%S')}.parquet"
+        path.write_bytes(b"an earlier run")
+        taken[path] = path.read_bytes()
+    run = Collector(rate=10).record("idle", 0.5, tmp_path)
+    assert run.path not in taken and run.path.name.startswith("idle_")
+    assert load_runs(run.path).height >= 3
+    assert all(p.read_bytes() == b"an earlier run" for p in taken)
+
+
+def test_concurrent_collects_into_one_folder_both_keep_their_run(tmp_path):
+    cmd = [sys.executable, "-m", "cputwin", "collect", "--workload", "idle", "--seconds", "1",
+           "--out", str(tmp_path), "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in results]
+    paths = {json.loads(out)["runs"][0]["path"] for out, _ in results}
+    assert len(paths) == 3 and all(load_runs(p).height > 0 for p in paths)
+    assert sorted(str(p) for p in tmp_path.glob("*.parquet")) == sorted(paths)
+
+
+def test_a_recovered_run_keeps_its_host_and_metadata(tmp_path):
+    def interrupt(fraction):
+        if fraction >= 0.5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Collector(rate=10, flush_interval=0.2).record("idle", 2, tmp_path, tick=interrupt)
+    parts = list(tmp_path.glob("*.parts"))
+    assert len(parts) == 1
+    run, rows = recover_parts(parts[0])
+    meta = read_metadata(run)
+    assert meta["recovered"] is True and rows >= 5
+    assert meta["host"] == socket.gethostname() and meta["workload"] == "idle"
+    assert meta["rate_hz"] == 10 and meta["logical_cores"] == os.cpu_count()
+    assert load_runs(run)["host"].unique().to_list() == [socket.gethostname()]
+
+
+def test_kill_9_during_io_bound_leaves_nothing_in_the_temp_folder(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    cmd = [sys.executable, "-m", "cputwin", "collect", "--workload", "io_bound", "--seconds", "60",
+           "--out", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.time() + 30
+    while time.time() < deadline and len(list(tmp_path.glob("runs/*.parts/part-*"))) < 4:
+        time.sleep(0.1)
+    workload = psutil.Process(proc.pid).children()
+    assert workload, "the collector runs its workload in a child process"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert _gone_within(workload, 5.0)
+    left = [p for p in scratch.rglob("*") if p.is_file()]
+    assert left == [], f"left behind: {[(str(p), p.stat().st_size) for p in left]}"
+
+
+def test_collect_all_lists_every_run_whole_on_a_terminal(tmp_path):
+    """On a terminal, lines printed while progress bars redraw were garbled; the runs are
+    listed after the bars, each on a line of its own."""
+    import pty
+    import re
+
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "cputwin", "collect", "--workload", "all", "--seconds", "0.5",
+           "--out", str(out)]
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower,
+                            env={**os.environ, "COLUMNS": "300", "TERM": "xterm"})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the command exited
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(60) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace"))
+    lines = [line.strip() for line in text.replace("\r", "\n").split("\n")]
+    runs = sorted(out.glob("*.parquet"))
+    assert len(runs) == 6
+    for run in runs:
+        assert any(line.startswith(f"{run} (") and line.endswith(" s)") for line in lines), (
+            run, lines)

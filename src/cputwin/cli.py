@@ -289,21 +289,30 @@ def predict(
 
 def record_workloads(names: list[str], seconds: float, rate: float, out_dir: Path,
                      announce: bool = True) -> list:
-    """Record each workload in turn, with a progress bar per run on stderr."""
+    """Record each workload in turn, with a progress bar per run on stderr; the runs are
+    listed on stdout once the bars are gone (a line written under a live bar is garbled),
+    those finished before an error or Ctrl-C too."""
     from cputwin.telemetry.collector import Collector
 
     collector = Collector(rate=rate)
     results = []
-    with Progress(TextColumn("{task.description:>15}"), BarColumn(), TimeRemainingColumn(),
-                  console=err, disable=not err.is_terminal) as bar:
-        for name in names:
-            task = bar.add_task(name, total=1.0)
-            run = collector.record(name, seconds, out_dir,
-                                   tick=lambda f, t=task: bar.update(t, completed=f))
-            results.append(run)
-            if announce:
-                out.print(f"{run.path} ({run.rows} samples, median step {run.median_step:.4f} s)")
+    try:
+        with Progress(TextColumn("{task.description:>15}"), BarColumn(), TimeRemainingColumn(),
+                      console=err, disable=not err.is_terminal) as bar:
+            for name in names:
+                task = bar.add_task(name, total=1.0)
+                results.append(collector.record(
+                    name, seconds, out_dir, tick=lambda f, t=task: bar.update(t, completed=f)))
+    finally:
+        if announce:
+            for run in results:
+                announce_run(run)
     return results
+
+
+def announce_run(run) -> None:
+    out.print(f"{run.path} ({run.rows} samples, median step {run.median_step:.4f} s)",
+              highlight=False)
 
 
 @app.command()

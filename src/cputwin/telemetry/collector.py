@@ -4,13 +4,23 @@ Scheduling is drift-free: tick k is due at start + k/rate on the monotonic clock
 sleep jitter never accumulates; a tick that is already late is skipped, not bunched.
 Samples are flushed every `flush_interval` seconds as a small, complete parquet part in
 `<run>.parts/` (written under a temporary name and renamed), so a collector killed
-with SIGKILL leaves every sample older than a second readable. A finished run is merged
-into `<workload>_<YYYYmmdd_HHMMSS>.parquet` with its metadata and the parts removed.
+with SIGKILL leaves every sample older than a second readable; the run's metadata is
+written there first (`meta.json`), so a recovered run keeps its host. A finished run is
+merged into `<workload>_<YYYYmmdd_HHMMSS>.parquet` with its metadata and the parts
+removed. A run never replaces a file: a name already taken (two runs in one second, two
+collectors writing into one folder) gets a `-2`, `-3`, … suffix.
+
+The sampler is psutil's for this machine (`Sampler`), or any object with the same
+`.schema` and `.sample(workload)`, such as a node_exporter scraped over HTTP
+(`Collector.record_from`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import re
 import shutil
 import socket
 import time
@@ -18,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import pyarrow as pa
@@ -29,6 +39,7 @@ from cputwin.telemetry.schema import (
     OVERALL,
     TEMP_COLUMN,
     TIMESTAMP,
+    UNLABELLED,
     WORKLOAD,
     WORKLOAD_CPU,
     Schema,
@@ -37,6 +48,15 @@ from cputwin.telemetry.schema import (
 from cputwin.telemetry.workloads import WORKLOADS, WorkloadFn, WorkloadProcess
 
 METADATA_KEY = b"cputwin"
+META_FILE = "meta.json"  # a run's metadata inside its parts folder, for recovery
+
+
+class RowSampler(Protocol):
+    """What the collector and `watch` sample: a schema and one row per call."""
+
+    schema: Schema
+
+    def sample(self, workload: str) -> dict[str, Any]: ...
 
 
 def _freq() -> tuple[float | None, float | None, float | None]:
@@ -183,38 +203,63 @@ class Collector:
             workload_fn = WORKLOADS[workload]
         if seconds <= 0:
             raise DataError(f"seconds must be positive, got {seconds}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"{workload}_{datetime.now().strftime('%Y%m%d_%H%M%S')}"
-        final = out_dir / f"{stem}.parquet"
-        parts = out_dir / f"{stem}.parts"
-        parts.mkdir(exist_ok=False)
+        parts, final = reserve_run(out_dir, workload)
         proc = WorkloadProcess(workload_fn)
         proc.start()
-        sampler = Sampler(workload_pid=proc.process.pid)
+        try:
+            sampler = Sampler(workload_pid=proc.process.pid)
+        except BaseException:
+            proc.stop()
+            shutil.rmtree(parts, ignore_errors=True)
+            raise
+        meta = {"host": socket.gethostname(), "workload": workload}
+        try:
+            return self._record(sampler, workload, seconds, parts, final, meta, tick, proc)
+        except WorkloadError:
+            shutil.rmtree(parts, ignore_errors=True)  # not a normal run of this workload
+            raise
+        finally:
+            proc.stop()
+
+    def record_from(
+        self,
+        sampler: RowSampler,
+        seconds: float,
+        out_dir: Path,
+        label: str | None = None,
+        tick: Callable[[float], None] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> RunResult:
+        """Record what `sampler` reads (e.g. a remote host's node_exporter) for `seconds`;
+        no workload is started. Rows carry `label`, or UNLABELLED."""
+        if seconds <= 0:
+            raise DataError(f"seconds must be positive, got {seconds}")
+        workload = label or UNLABELLED
+        host = getattr(sampler, "host", None) or socket.gethostname()
+        parts, final = reserve_run(out_dir, file_safe(host) if label is None else workload)
+        meta = {"host": host, "workload": workload,
+                **{k: getattr(sampler, k) for k in ("source", "url") if hasattr(sampler, k)},
+                **(meta or {})}
+        return self._record(sampler, workload, seconds, parts, final, meta, tick, None)
+
+    def _record(self, sampler: RowSampler, workload: str, seconds: float, parts: Path,
+                final: Path, meta: dict[str, Any], tick, proc: WorkloadProcess | None
+                ) -> RunResult:
+        """Sample into parts (metadata first), then merge them into the run file."""
+        meta = {**meta, "logical_cores": sampler.schema.n_cores, "rate_hz": self.rate,
+                "package_version": _version(), "started_at": time.time(), "seconds": seconds}
+        write_json_atomic(parts / META_FILE, meta)
         writer = PartWriter(parts, arrow_schema(sampler.schema))
-        started = time.time()
         try:
             self._loop(sampler, workload, seconds, proc, writer, tick)
         except WorkloadError:
-            proc.stop()
-            shutil.rmtree(parts, ignore_errors=True)  # not a normal run of this workload
             raise
         except BaseException:  # Ctrl-C and the like: keep what was sampled, as parts
-            proc.stop()
             writer.flush()
             raise
-        exit_code = proc.stop()
+        if proc is not None:
+            meta["workload_exit_status"] = proc.stop()
         writer.flush()
-        meta = {
-            "host": socket.gethostname(),
-            "logical_cores": sampler.schema.n_cores,
-            "rate_hz": self.rate,
-            "package_version": _version(),
-            "workload": workload,
-            "workload_exit_status": exit_code,
-            "started_at": started,
-            "seconds": seconds,
-        }
         rows = merge_parts(parts, final, meta)
         return RunResult(final, rows, self._median_step(final))
 
@@ -222,7 +267,7 @@ class Collector:
         n_ticks = int(round(seconds * self.rate))
         next_flush = time.monotonic() + self.flush_interval
         for k in ticks(self.rate, n_ticks):
-            reason = proc.died()
+            reason = proc.died() if proc is not None else None
             if reason:
                 raise WorkloadError(f"workload {workload!r} {reason}; run not saved")
             writer.add(sampler.sample(workload))
@@ -263,6 +308,49 @@ class PartWriter:
         self.rows = []
 
 
+def reserve_run(out_dir: Path, prefix: str) -> tuple[Path, Path]:
+    """A fresh run name `<prefix>_<YYYYmmdd_HHMMSS>[-n]`: its parts folder, created here
+    (atomically: the first to create it owns the name), and its run file, not yet there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = f"{prefix}_{datetime.now().strftime('%Y%m%d_%H%M%S')}"
+    for n in itertools.count(1):
+        stem = base if n == 1 else f"{base}-{n}"
+        parts, final = out_dir / f"{stem}.parts", out_dir / f"{stem}.parquet"
+        try:
+            parts.mkdir()
+        except FileExistsError:
+            continue
+        if final.exists():  # a finished run of that name: its parts are gone, its file not
+            parts.rmdir()
+            continue
+        return parts, final
+    raise AssertionError("unreachable")
+
+
+def file_safe(name: str) -> str:
+    """A name usable as a file name (a host such as `10.0.0.7:9100` → `10.0.0.7_9100`)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
+
+
+def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj), encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_table(table: pa.Table, final: Path, meta: dict[str, Any]) -> None:
+    """Write a run file with its metadata; never over an existing file."""
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    try:
+        os.link(tmp, final)  # unlike rename, fails when the name is taken
+    except FileExistsError:
+        raise DataError(f"{final}: already exists; a run is never written over") from None
+    finally:
+        tmp.unlink()
+
+
 def merge_parts(parts: Path, final: Path, meta: dict[str, Any]) -> int:
     """Merge a run's parts into one parquet file with metadata; remove the parts."""
     files = sorted(parts.glob("part-*.parquet"))
@@ -270,10 +358,7 @@ def merge_parts(parts: Path, final: Path, meta: dict[str, Any]) -> int:
         shutil.rmtree(parts, ignore_errors=True)
         raise DataError(f"{parts}: no samples were recorded")
     table = pa.concat_tables(pq.read_table(f) for f in files)
-    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
-    tmp = final.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.rename(final)
+    write_table(table, final, meta)
     shutil.rmtree(parts)
     return table.num_rows
 
@@ -286,7 +371,12 @@ def recover_parts(parts: Path) -> tuple[Path, int]:
     final = parts.with_suffix(".parquet")
     if final.exists():
         raise DataError(f"{final}: already exists; move it away to recover {parts.name}")
-    rows = merge_parts(parts, final, {"recovered": True, "package_version": _version()})
+    try:
+        saved = json.loads((parts / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # parts of an older collector, or a damaged file
+        saved = {}
+    meta = {"package_version": _version(), **saved, "recovered": True}
+    rows = merge_parts(parts, final, meta)
     return final, rows
 
 

@@ -16,7 +16,6 @@ import time
 import traceback
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 
 WorkloadFn = Callable[[object], None]  # receives a multiprocessing Event: stop when set
 
@@ -29,18 +28,19 @@ def cpu_bound(stop) -> None:
 
 
 def io_bound(stop) -> None:
+    """Write, fsync and read back 8 MiB in turn, in a file without a name (unlinked as it
+    is created), so a workload killed with SIGKILL leaves nothing on disk."""
     block = os.urandom(1 << 20)
-    with tempfile.TemporaryDirectory(prefix="cputwin-io-") as tmp:
-        path = Path(tmp) / "scratch.bin"
+    with tempfile.TemporaryFile(prefix="cputwin-io-") as f:
         while not stop.is_set():
-            with open(path, "wb") as f:
-                for _ in range(8):
-                    f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
-            with open(path, "rb") as f:
-                while f.read(1 << 20):
-                    pass
+            f.seek(0)
+            for _ in range(8):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(0)
+            while f.read(1 << 20):
+                pass
 
 
 def memory_bound(stop) -> None:
