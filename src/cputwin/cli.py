@@ -35,7 +35,15 @@ app = typer.Typer(
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-DataArg = Annotated[list[str], typer.Argument(help="Parquet runs: files, folders or globs.")]
+DataArg = Annotated[list[str], typer.Argument(
+    help="Telemetry runs (.parquet, .csv, Telegraf .lp/.influx): files, folders or globs.")]
+ColumnsOpt = Annotated[str | None, typer.Option(
+    "--columns", metavar="OLD=NEW,...",
+    help="Rename DATA's columns to cputwin's, e.g. ts=timestamp,core0=cpu_util_core_0.")]
+FromOpt = Annotated[str | None, typer.Option(
+    "--from", metavar="URL",
+    help="Read a remote host through its node_exporter (http://HOST:9100/metrics) instead "
+         "of this machine.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, nothing else.")]
 TargetOpt = Annotated[str, typer.Option(help="Core column to twin (evaluate: or 'all').")]
 MaxRoundsOpt = Annotated[int | None, typer.Option(
@@ -55,6 +63,12 @@ ModeOpt = Annotated[str, typer.Option(
 MetaOpt = Annotated[str | None, typer.Option(
     help="Meta-model: auto, ridge, nnls, best, average, per_workload (default: ridge for "
          "the seed preset, auto otherwise).")]
+
+
+def _columns(value: str | None) -> dict[str, str] | None:
+    from cputwin.telemetry.ingest import parse_column_map
+
+    return parse_column_map(value) if value else None
 
 
 def _bases(value: str) -> str | list[str]:
@@ -189,6 +203,7 @@ def evaluate(
     max_rounds: MaxRoundsOpt = None,
     float32: Float32Opt = False,
     dask: DaskOpt = None,
+    columns: ColumnsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train and score the twin on DATA under an evaluation protocol."""
@@ -197,7 +212,8 @@ def evaluate(
 
         summary, _ = pipeline.evaluate(
             data, protocol, target, train_fraction, report, progress, test_data=test or None,
-            dask=dask, **_stack_options(bases, mode, meta, host_category, max_rounds, float32))
+            dask=dask, columns=_columns(columns),
+            **_stack_options(bases, mode, meta, host_category, max_rounds, float32))
     if as_json:
         _json(summary)
         return
@@ -243,6 +259,7 @@ def train(
     max_rounds: MaxRoundsOpt = None,
     float32: Float32Opt = False,
     dask: DaskOpt = None,
+    columns: ColumnsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit a twin on all of DATA and save it as a pickle-free .cputwin file."""
@@ -251,6 +268,7 @@ def train(
 
         result = pipeline.train(
             data, output, target, progress, per_host=per_host, dask=dask,
+            columns=_columns(columns),
             **_stack_options(bases, mode, meta, host_category, max_rounds, float32))
     if as_json:
         _json(result)
@@ -270,13 +288,14 @@ def predict(
     twin: Annotated[Path, typer.Argument(help="A .cputwin file.")],
     data: DataArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write.")],
+    columns: ColumnsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Predict the twin's core for every row of DATA."""
     with cli_errors():
         from cputwin import pipeline
 
-        result = pipeline.predict(twin, data, output)
+        result = pipeline.predict(twin, data, output, columns=_columns(columns))
     if as_json:
         _json(result)
         return
@@ -315,23 +334,86 @@ def announce_run(run) -> None:
               highlight=False)
 
 
+def record_remote(url: str, seconds: float, rate: float, out_dir: Path, label: str | None):
+    """One run of a remote host's node_exporter, with a progress bar on stderr."""
+    from cputwin.telemetry.collector import Collector
+    from cputwin.telemetry.prometheus import NodeExporterSampler
+
+    sampler = NodeExporterSampler(url)
+    with Progress(TextColumn("{task.description:>15}"), BarColumn(), TimeRemainingColumn(),
+                  console=err, disable=not err.is_terminal) as bar:
+        task = bar.add_task(sampler.host, total=1.0)
+        return Collector(rate=rate).record_from(
+            sampler, seconds, out_dir, label, tick=lambda f: bar.update(task, completed=f))
+
+
 @app.command()
 def collect(
     workload: Annotated[str, typer.Option(help="A built-in workload, or 'all'.")] = "all",
     seconds: Annotated[float, typer.Option(help="Seconds per workload.")] = 30.0,
-    rate: Annotated[float, typer.Option(help="Samples per second.")] = 10.0,
+    rate: Annotated[float | None, typer.Option(
+        help="Samples per second (default 10; with --from, 1).", show_default=False)] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the runs.")] = Path("telemetry"),
+    source: FromOpt = None,
+    label: Annotated[str | None, typer.Option(
+        help="With --from: the workload label of the rows (default: unlabelled).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Record labelled telemetry of this machine, one parquet file per workload."""
+    """Record labelled telemetry of this machine, one parquet file per workload; with
+    --from, record a remote host through its node_exporter (no workload is started)."""
     from cputwin.telemetry.collector import expand_workloads
 
     with cli_errors():
-        results = record_workloads(expand_workloads(workload), seconds, rate, out_dir,
-                                   announce=not as_json)
+        if source is not None:
+            results = [record_remote(source, seconds, rate or 1.0, out_dir, label)]
+            if not as_json:
+                announce_run(results[0])
+        elif label is not None:
+            raise CputwinError("--label names what a remote host ran: it needs --from")
+        else:
+            results = record_workloads(expand_workloads(workload), seconds, rate or 10.0,
+                                       out_dir, announce=not as_json)
     if as_json:
         _json({"runs": [{"path": str(r.path), "rows": r.rows, "median_step_s": r.median_step}
                         for r in results]})
+
+
+import_app = typer.Typer(help="Import telemetry kept elsewhere as cputwin runs.",
+                        no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("prometheus")
+def import_prometheus(
+    url: Annotated[str, typer.Argument(help="The Prometheus server, e.g. http://prom:9090.")],
+    instance: Annotated[str, typer.Option(help="The node_exporter's instance label "
+                                               "(e.g. web1:9100); it becomes the host.")],
+    start: Annotated[str, typer.Option(help="Start: epoch seconds, ISO 8601 (UTC unless it "
+                                            "has an offset), or now-2h.")],
+    end: Annotated[str, typer.Option(help="End, as --start (e.g. now).")] = "now",
+    step: Annotated[float | None, typer.Option(
+        help="Seconds between rows (a multiple of the scrape interval; default: every "
+             "scrape).", show_default=False)] = None,
+    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for the runs.")]
+    = Path("telemetry"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Read node_exporter's CPU counters (node_cpu_seconds_total) for one instance from a
+    Prometheus server and write them as runs (one per stretch without gaps or resets)."""
+    with cli_errors():
+        from cputwin.telemetry.prometheus import import_prometheus as run_import
+        from cputwin.telemetry.prometheus import parse_time
+
+        frame, paths = run_import(url, instance, parse_time(start), parse_time(end), out_dir,
+                                  step)
+    rows = frame.group_by("run", maintain_order=True).len()["len"].to_list()
+    if as_json:
+        _json({"host": instance, "rows": frame.height,
+               "runs": [{"path": str(p), "rows": n} for p, n in zip(paths, rows, strict=True)]})
+        return
+    for path, n in zip(paths, rows, strict=True):
+        out.print(f"{path} ({n} rows)", highlight=False)
+    out.print(f"{len(paths)} runs of {instance}, {frame.height} rows", highlight=False)
 
 
 @app.command()
@@ -394,7 +476,8 @@ def watch(
              "workload).", show_default=False)] = None,
     seconds: Annotated[float | None, typer.Option(help="Stop after this long (default: Ctrl-C).")]
     = None,
-    rate: Annotated[float, typer.Option(help="Samples per second.")] = 10.0,
+    rate: Annotated[float | None, typer.Option(
+        help="Samples per second (default 10; with --from, 1).", show_default=False)] = None,
     record: Annotated[Path | None, typer.Option(
         help="Write telemetry, predictions, scores and alarms to parquet in this folder.")] = None,
     events: Annotated[Path | None, typer.Option(
@@ -402,9 +485,11 @@ def watch(
     pid: Annotated[int | None, typer.Option(
         help="The workload's process (children included), for a twin that reads the "
              "workload's own CPU use (e.g. --bases detect_wcpu).", min=1)] = None,
+    source: FromOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sample this machine live, predict the twin's core every tick, raise alarms."""
+    """Sample this machine (or, with --from, a remote host) live, predict the twin's core
+    every tick, raise alarms."""
     from collections import deque
 
     from rich.live import Live
@@ -414,7 +499,13 @@ def watch(
         from cputwin import pipeline
         from cputwin.live.watch import watch as run_watch
 
+        rate = rate or (1.0 if source else 10.0)
         stack, detector, _ = pipeline.open_twin(twin)
+        sampler = None
+        if source is not None:
+            from cputwin.telemetry.prometheus import NodeExporterSampler
+
+            sampler = NodeExporterSampler(source)
         workload = pipeline.live_workload(stack, workload)
         observed, predicted = deque(maxlen=60), deque(maxlen=60)
         live = Live(console=err, auto_refresh=False,
@@ -442,7 +533,7 @@ def watch(
             live.start()
         try:
             summary = run_watch(stack, detector, show, workload, rate, seconds, record, events,
-                                pid)
+                                pid, sampler=sampler)
         finally:
             if live:
                 live.stop()

@@ -106,6 +106,7 @@ def evaluate(
     *,
     test_data: Any = None,
     dask: str | None = None,
+    columns: dict[str, str] | None = None,
     **stack_options: Any,
 ) -> tuple[dict[str, Any], list[Evaluation]]:
     """Run a protocol for one target or every core, optionally writing the HTML report.
@@ -119,8 +120,8 @@ def evaluate(
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    frame = load_runs(data)
-    test_frame = load_runs(test_data) if test_data is not None else None
+    frame = load_runs(data, columns)
+    test_frame = load_runs(test_data, columns) if test_data is not None else None
     targets = targets_of(frame, target)
     if protocol != "honest" and (len(targets) > 1 or test_frame is not None):
         raise DataError("--target all and --test use the honest protocol; drop --protocol")
@@ -172,6 +173,7 @@ def train(
     *,
     per_host: bool = False,
     dask: str | None = None,
+    columns: dict[str, str] | None = None,
     **stack_options: Any,
 ) -> dict[str, Any]:
     """Fit a twin on all of `data` and save it; metrics are the out-of-fold scores.
@@ -187,7 +189,7 @@ def train(
     out = Path(out)
     if per_host and out.exists() and not out.is_dir():
         raise DataError(f"{out}: --per-host writes one twin per host into a folder; this is a file")
-    frames = load_hosts(paths) if per_host else {None: load_runs(paths)}
+    frames = load_hosts(paths, columns) if per_host else {None: load_runs(paths, columns)}
     results = {}
     with fitter(dask) as fit:
         for host, frame in frames.items():
@@ -235,10 +237,11 @@ def train_frame(
                      "intercept": stack.meta_intercept_}}
 
 
-def predict(twin: Path, data: Any, out: Path) -> dict[str, Any]:
+def predict(twin: Path, data: Any, out: Path, columns: dict[str, str] | None = None
+            ) -> dict[str, Any]:
     """Predict every row of `data` with a saved twin and write a parquet of predictions."""
     stack, _ = load_twin(Path(twin))
-    frame = load_runs(data)
+    frame = load_runs(data, columns)
     bases, valid = stack.predict_bases(frame)
     pred = stack.combine(bases, frame[WORKLOAD].to_numpy())
     table = frame.select(RUN_COLUMN, TIMESTAMP, WORKLOAD, pl.col(stack.target).alias("actual"))

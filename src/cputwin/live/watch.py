@@ -24,7 +24,7 @@ from cputwin.errors import DataError
 from cputwin.live.detector import Detector
 from cputwin.live.stream import OnlineTwin, Tick
 from cputwin.models import TwinStack
-from cputwin.telemetry.collector import PartWriter, Sampler, merge_parts, ticks
+from cputwin.telemetry.collector import PartWriter, RowSampler, Sampler, merge_parts, ticks
 from cputwin.telemetry.schema import OVERALL, TIMESTAMP, WORKLOAD, WORKLOAD_CPU
 
 RECORD_FIELDS = ("prediction", "residual", "score", "alarm")
@@ -63,12 +63,14 @@ def watch(
     record: Path | None = None,
     events: Path | None = None,
     workload_pid: int | None = None,
+    sampler: RowSampler | None = None,
 ) -> dict[str, Any]:
     """Sample this machine until `seconds` pass or KeyboardInterrupt; returns a summary.
 
     workload_pid: the process (with its children) whose CPU use is the workload's, for a
-    twin that reads it; required by such a twin."""
-    sampler = _sampler(workload_pid)
+    twin that reads it; required by such a twin. sampler: what to sample instead of this
+    machine (a remote host's `NodeExporterSampler`)."""
+    sampler = sampler if sampler is not None else _sampler(workload_pid)
     if sampler.schema.n_cores != stack.schema_.n_cores and not stack.portable_:
         raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, this machine "
                         f"has {sampler.schema.n_cores}")
@@ -76,7 +78,7 @@ def watch(
     if twin.reads_workload_cpu and workload_pid is None:
         raise DataError("this twin reads the workload's own CPU use: give the pid of the "
                         "workload's process (watch --pid)")
-    stream = twin.stream(socket.gethostname())
+    stream = twin.stream(getattr(sampler, "host", None) or socket.gethostname())
     cores = sampler.schema.core_columns
     recorder = Recorder(record, sampler) if record else None
     event_file = open(events, "a", encoding="utf-8") if events else None  # noqa: SIM115
