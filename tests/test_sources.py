@@ -51,8 +51,12 @@ def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
 
 # ---------------------------------------------------------------- CSV
 
-def test_a_csv_with_cputwins_columns_loads_as_its_parquet_does(tmp_path):
-    run = synthetic_run(n=50, cores=2)
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 60), cores=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_a_csv_with_cputwins_columns_loads_as_its_parquet_does(tmp_path_factory, n, cores,
+                                                                 seed):
+    tmp_path = tmp_path_factory.mktemp("csv")
+    run = synthetic_run(n=n, cores=cores, seed=seed)
     run.write_parquet(tmp_path / "a.parquet")
     (tmp_path / "csv").mkdir()
     run.write_csv(tmp_path / "csv" / "a.csv")
@@ -259,6 +263,26 @@ def test_times_are_epoch_iso_or_relative(text, expected):
     assert parse_time(text, now=1_700_000_000.0) == expected
     with pytest.raises(DataError, match="expected seconds"):
         parse_time("yesterday")
+    with pytest.raises(DataError, match="not a finite number"):
+        parse_time("nan")
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(st.lists(st.floats(0, 1e9), min_size=len(MODES), max_size=len(MODES)),
+                       min_size=1, max_size=8),
+       freq=st.one_of(st.none(), st.floats(1e8, 5e9)))
+def test_node_exporter_text_gives_back_its_counters(values, freq):
+    lines = ["# HELP node_cpu_seconds_total Seconds the CPUs spent in each mode.",
+             "# TYPE node_cpu_seconds_total counter"]
+    lines += [f'node_cpu_seconds_total{{cpu="{c}",mode="{m}"}} {v!r}'
+              for c, row in enumerate(values) for m, v in zip(MODES, row, strict=True)]
+    if freq is not None:
+        lines += ["# TYPE node_cpu_scaling_frequency_hertz gauge"]
+        lines += [f'node_cpu_scaling_frequency_hertz{{cpu="{c}"}} {freq!r}'
+                  for c in range(len(values))]
+    counters, freqs = parse_node_metrics(("\n".join(lines) + "\n").encode(), "u")
+    assert counters == {c: dict(zip(MODES, row, strict=True)) for c, row in enumerate(values)}
+    assert freqs["cpu_freq_current_mhz"] == (None if freq is None else pytest.approx(freq / 1e6))
 
 
 @pytest.mark.parametrize(("body", "fragment"), [

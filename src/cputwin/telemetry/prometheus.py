@@ -74,9 +74,13 @@ def parse_time(text: str, now: float | None = None) -> float:
         return now - (float(amount) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
                       if amount else 0.0)
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise DataError(f"time {text!r}: not a finite number of seconds")
+        return seconds
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -91,7 +95,7 @@ def fetch_counters(url: str, instance: str, start: float, end: float,
     scrape time -> core -> mode -> seconds. Cores become 0 … n−1 in the order of their
     numbers (an offline core leaves no hole)."""
     if not end > start:
-        raise DataError(f"the end ({end}) must come after the start ({start})")
+        raise DataError(f"the end ({_iso(end)}) must come after the start ({_iso(start)})")
     by_time: dict[float, Counters] = {}
     series_seen: dict[tuple[int, str], set[str]] = {}
     for chunk_end, width in _chunks(start, end):
