@@ -6,7 +6,6 @@ callback taking a short message.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from cputwin.features.engine import unseen_workloads
 from cputwin.live.detector import Detector, calibrate
 from cputwin.models import TwinStack
 from cputwin.models.base import params_for, resolve_bases
+from cputwin.telemetry.collector import file_safe
 from cputwin.telemetry.ingest import DataWarning, load_hosts, load_runs, resolve_paths, schema_of
 from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD
 
@@ -199,10 +199,6 @@ def train(
             results[host] = train_frame(frame, fingerprint(paths), path, target, report, fit,
                                         **stack_options)
     return {"hosts": results} if per_host else results[None]
-
-
-def file_safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
 
 
 def train_frame(
