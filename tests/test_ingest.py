@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from cputwin import load_runs
 from cputwin.errors import DataError
 from cputwin.telemetry.collector import Collector
-from cputwin.telemetry.ingest import DataWarning, load_hosts
+from cputwin.telemetry.ingest import DataWarning, load_hosts, resample
 from cputwin.telemetry.schema import UNLABELLED
 from helpers import synthetic_run, write_run
 
@@ -316,3 +316,25 @@ def test_a_fifo_is_refused_at_once(tmp_path):
                           timeout=60)
     assert proc.returncode != 0
     assert f"DataError: {fifo}: not a regular file" in proc.stderr
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_resample_averages_each_runs_bins_and_never_mixes_runs(data):
+    step = data.draw(st.sampled_from([0.5, 1.0, 15.0]))
+    frames = []
+    for i in range(data.draw(st.integers(1, 3))):
+        n = data.draw(st.integers(1, 80))
+        frames.append(synthetic_run(n=n, cores=2, seed=i, workload=f"w{i % 2}", t0=1000.0 * i)
+                      .with_columns(pl.lit(f"r{i}").alias("run")))
+    frame = pl.concat(frames)
+    out = resample(frame, step)
+    assert out.columns == frame.columns
+    for (name,), part in frame.group_by("run", maintain_order=True):
+        got = out.filter(pl.col("run") == name)
+        bins = (part["timestamp"] // step).to_numpy()
+        assert got.height == len(set(bins))
+        assert got["workload_type"].unique().to_list() == part["workload_type"].unique().to_list()
+        np.testing.assert_allclose((got["timestamp"] // step).to_numpy(), sorted(set(bins)))
+        expected = [part["cpu_util_core_1"].to_numpy()[bins == b].mean() for b in sorted(set(bins))]
+        np.testing.assert_allclose(got["cpu_util_core_1"].to_numpy(), expected)

@@ -16,7 +16,7 @@ from cputwin import load_runs
 from cputwin.cli import app
 from cputwin.models import TwinStack
 from cputwin.pipeline import make_stack, open_twin
-from cputwin.telemetry.ingest import DataWarning
+from cputwin.telemetry.ingest import DataWarning, resample
 from cputwin.telemetry.schema import UNLABELLED
 from helpers import synthetic_run, write_run
 
@@ -33,16 +33,6 @@ def _copy(src: Path, dst: Path, change) -> Path:
     for path in sorted(src.glob("*.parquet")):
         change(pl.read_parquet(path)).write_parquet(dst / path.name)
     return dst
-
-
-def to_1hz(frame: pl.DataFrame) -> pl.DataFrame:
-    """The mean of each second's samples, per run (run, host and label kept)."""
-    numeric = [c for c, t in frame.schema.items() if t.is_numeric() and c != "timestamp"]
-    keys = [c for c in frame.columns if c not in numeric and c != "timestamp"]
-    return (frame.with_columns((pl.col("timestamp") // 1).alias("second"))
-            .group_by(*keys, "second", maintain_order=True)
-            .agg(pl.col("timestamp").mean(), *[pl.col(c).mean() for c in numeric])
-            .select(frame.columns))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +134,7 @@ def test_a_twin_at_1hz_works_at_1hz_and_warns_on_10hz_data(tmp_path):
     for i in range(3):  # 250 s each at 10 Hz: 250 samples at 1 Hz
         write_run(synthetic_run(n=2500, cores=2, seed=i, t0=1e9 + 1e4 * i), tmp_path, f"r{i}")
     frame = load_runs(tmp_path)
-    slow = to_1hz(frame)
+    slow = resample(frame, 1.0)
     assert frame.height / 11 < slow.height < frame.height / 9
     stack = make_stack(bases=["physics_linear", "gbm_portable"], max_rounds=30).fit(slow)
     assert stack.step_s_ == pytest.approx(1.0, abs=0.01)
