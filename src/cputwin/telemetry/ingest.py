@@ -1,4 +1,5 @@
-"""Load telemetry runs from parquet: each file is one run, checked before anything uses it.
+"""Load telemetry runs from parquet, CSV or Telegraf line-protocol files: each file is one
+run (or one per value of its `run` column), checked before anything uses it.
 
 Every problem is reported as a one-line `DataError` naming the file; repairable
 problems (unsorted or duplicated timestamps) are repaired with a warning.
@@ -36,6 +37,10 @@ from cputwin.telemetry.schema import (
 )
 
 PathLike = str | Path
+ColumnMap = dict[str, str]  # a file's column name -> cputwin's
+CSV_SUFFIX = ".csv"
+LINE_PROTOCOL_SUFFIXES = (".lp", ".influx")
+DATA_SUFFIXES = (".parquet", CSV_SUFFIX, *LINE_PROTOCOL_SUFFIXES)
 
 # `cpu_util_overall` is the mean of the cores, read at a slightly different instant: per
 # run, the median |overall − mean(cores)| is a fraction of one reading's resolution over
@@ -47,21 +52,21 @@ MISMATCH_WARN, MISMATCH_REFUSE = 0.75, 1.0
 MISMATCH_MIN_ROWS = 10  # fewer rows say too little about a median
 
 
-
 class DataWarning(UserWarning):
     """Telemetry that was repaired on load (sorted, de-duplicated, an unknown label)."""
 
 
 def resolve_paths(source: PathLike | Iterable[PathLike]) -> list[Path]:
-    """Expand a file, a folder (its *.parquet), a glob, or a list of those, in sorted order."""
+    """Expand a file, a folder (its .parquet, .csv, .lp and .influx files), a glob, or a
+    list of those, in sorted order."""
     items = [source] if isinstance(source, str | Path) else list(source)
     paths: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(p.glob("*.parquet"))
+            found = sorted(f for f in p.iterdir() if f.suffix in DATA_SUFFIXES and f.is_file())
             if not found:
-                raise DataError(f"{p}: folder holds no .parquet files")
+                raise DataError(f"{p}: folder holds no .parquet, .csv, .lp or .influx files")
             paths.extend(found)
         elif p.exists():
             paths.append(p)
@@ -80,9 +85,11 @@ def resolve_paths(source: PathLike | Iterable[PathLike]) -> list[Path]:
     return paths
 
 
-def load_runs(source: PathLike | Iterable[PathLike]) -> pl.DataFrame:
-    """Load and check telemetry runs: one run per parquet file, named by the file's stem,
-    or, in a file with a `run` column, one run per value of that column.
+def load_runs(source: PathLike | Iterable[PathLike], columns: ColumnMap | None = None
+              ) -> pl.DataFrame:
+    """Load and check telemetry runs: one run per file, named by the file's stem, or, in a
+    file with a `run` column, one run per value of that column. `columns` renames a
+    file's columns to cputwin's (e.g. {"ts": "timestamp"}) before the checks.
 
     Returns one frame with leading `run` and `host` columns (see `host_of`), in file
     order, each run sorted by timestamp. When the files come from more than one host a
@@ -91,7 +98,7 @@ def load_runs(source: PathLike | Iterable[PathLike]) -> pl.DataFrame:
     are dropped.
     """
     paths = resolve_paths(source)
-    frames = [read_run(p) for p in paths]
+    frames = [read_run(p, columns) for p in paths]
     if len({f[HOST][0] for f in frames}) > 1:
         frames = [f.with_columns(pl.concat_str(HOST, pl.lit("/"), RUN_COLUMN).alias(RUN_COLUMN))
                   for f in frames]
@@ -108,12 +115,14 @@ def load_runs(source: PathLike | Iterable[PathLike]) -> pl.DataFrame:
     return pl.concat(frames, how="vertical")
 
 
-def load_hosts(source: PathLike | Iterable[PathLike]) -> dict[str, pl.DataFrame]:
+def load_hosts(source: PathLike | Iterable[PathLike], columns: ColumnMap | None = None
+               ) -> dict[str, pl.DataFrame]:
     """Load runs grouped by host: host -> that host's frame (hosts may differ in cores)."""
     by_host: dict[str, list[Path]] = {}
     for path in resolve_paths(source):
-        by_host.setdefault(host_of(path), []).append(path)
-    return {host: load_runs(paths) for host, paths in sorted(by_host.items())}
+        raw = None if path.suffix not in DATA_SUFFIXES[1:] else rename(read_raw(path), columns)
+        by_host.setdefault(host_of(path, raw), []).append(path)
+    return {host: load_runs(paths, columns) for host, paths in sorted(by_host.items())}
 
 
 def host_of(path: Path, raw: pl.DataFrame | None = None) -> str:
@@ -169,13 +178,9 @@ def resample(frame: pl.DataFrame, step_s: float) -> pl.DataFrame:
             .select(frame.columns))
 
 
-def read_run(path: Path) -> pl.DataFrame:
-    """Read one parquet run and check it against the schema."""
-    try:
-        raw = pl.read_parquet(path)
-    except Exception as exc:  # polars raises several types for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: cannot read as parquet ({first})") from None
+def read_run(path: Path, columns: ColumnMap | None = None) -> pl.DataFrame:
+    """Read one run (parquet, CSV or line protocol) and check it against the schema."""
+    raw = rename(read_raw(path), columns)
     frame = check_run(raw, path)
     try:
         cores = read_metadata(path).get("logical_cores")
@@ -212,6 +217,51 @@ def check_overall(frame: pl.DataFrame, path: Path | str, logical_cores: int | No
     if ratio[worst] > MISMATCH_REFUSE:
         raise DataError(message + "; is a core column missing?")
     warnings.warn(message, DataWarning, stacklevel=3)
+
+
+def read_raw(path: Path) -> pl.DataFrame:
+    """A file's rows as they are, by its suffix: .csv, .lp/.influx (Telegraf), else parquet."""
+    if path.suffix in LINE_PROTOCOL_SUFFIXES:
+        from cputwin.telemetry.telegraf import read_line_protocol
+
+        return read_line_protocol(path)
+    csv = path.suffix == CSV_SUFFIX
+    try:
+        raw = pl.read_csv(path, infer_schema_length=10_000) if csv else pl.read_parquet(path)
+    except Exception as exc:  # polars raises several types for a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot read as {'CSV' if csv else 'parquet'} ({first})") from None
+    return raw
+
+
+def parse_column_map(text: str) -> ColumnMap:
+    """`OLD=NEW,OLD2=NEW2` (the CLI's --columns) as a mapping."""
+    pairs = [item.strip() for item in text.split(",") if item.strip()]
+    mapping: ColumnMap = {}
+    for item in pairs:
+        old, sep, new = item.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise DataError(f"--columns: {item!r} is not OLD=NEW")
+        mapping[old.strip()] = new.strip()
+    if len(set(mapping.values())) != len(mapping):
+        raise DataError("--columns: two columns are renamed to the same name")
+    return mapping
+
+
+def rename(raw: pl.DataFrame, columns: ColumnMap | None) -> pl.DataFrame:
+    """Rename the mapped columns a file has (a map may cover files of several kinds); a
+    string timestamp (ISO 8601, as CSV exports write it) becomes seconds since the epoch."""
+    if columns:
+        present = {old: new for old, new in columns.items() if old in raw.columns}
+        raw = raw.drop([new for new in present.values() if new in raw.columns
+                        and new not in present]).rename(present)
+    if TIMESTAMP in raw.columns and raw[TIMESTAMP].dtype == pl.String:
+        try:
+            stamps = raw[TIMESTAMP].str.to_datetime(time_zone="UTC")
+        except Exception:  # not dates: the numeric check names the column
+            return raw
+        raw = raw.with_columns((stamps.dt.epoch("us") / 1e6).alias(TIMESTAMP))
+    return raw
 
 
 def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
