@@ -491,3 +491,13 @@ def test_an_unreachable_exporter_is_one_error(tmp_path, url, fragment):
     one_line_error(cli("collect", "--from", url, "--seconds", "1", "--out", str(tmp_path)),
                    fragment)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_csv_host_column_names_the_host_for_per_host_grouping(tmp_path):
+    from cputwin.telemetry.ingest import host_of
+
+    for name, host in (("a", "web1"), ("b", "web2")):
+        synthetic_run(n=20, cores=2).with_columns(pl.lit(host).alias("host")).write_csv(
+            tmp_path / f"{name}.csv")
+    assert [host_of(tmp_path / f"{n}.csv") for n in "ab"] == ["web1", "web2"]
+    assert sorted(load_runs(tmp_path)["host"].unique().to_list()) == ["web1", "web2"]

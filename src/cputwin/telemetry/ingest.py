@@ -130,8 +130,11 @@ def host_of(path: Path, raw: pl.DataFrame | None = None) -> str:
     else the name of the folder that holds the file."""
     if raw is None:
         try:
-            has_host = HOST in pl.read_parquet_schema(path)
-            raw = pl.read_parquet(path, columns=[HOST]) if has_host else None
+            if Path(path).suffix in DATA_SUFFIXES[1:]:  # CSV, line protocol: read it all
+                raw = read_raw(Path(path))
+            else:
+                has_host = HOST in pl.read_parquet_schema(path)
+                raw = pl.read_parquet(path, columns=[HOST]) if has_host else None
         except Exception:  # an unreadable file is reported, with its reason, by read_run
             raw = None
     if raw is not None and HOST in raw.columns:
