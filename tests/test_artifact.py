@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 
 import numpy as np
@@ -87,3 +88,80 @@ def test_foreign_files_are_refused(tmp_path, content, fragment):
 def test_missing_file(tmp_path):
     with pytest.raises(ArtifactError, match="cannot read"):
         load_twin(tmp_path / "nope.cputwin")
+
+
+def _rehashed(path, tmp_path, edit):
+    """An edit whose author recomputed the checksum: what a deliberate editor does."""
+    from cputwin.artifact import _canonical
+
+    doc = json.loads(gzip.decompress(path.read_bytes()))
+    edit(doc["payload"])
+    doc["payload_sha256"] = hashlib.sha256(_canonical(doc["payload"])).hexdigest()
+    out = tmp_path / "rehashed.cputwin"
+    out.write_bytes(gzip.compress(json.dumps(doc).encode()))
+    return out
+
+
+def test_a_key_signs_and_verifies_the_twin(twin_file, tmp_path):
+    stack, _ = twin_file
+    signed = save_twin(stack, tmp_path / "s.cputwin", training={}, metrics={}, sign_key="k1")
+    load_twin(signed, key="k1")
+    load_twin(signed, key=b"k1")
+    load_twin(signed)  # without a key the signature is not checked
+    with pytest.raises(ArtifactError, match="signature mismatch"):
+        load_twin(signed, key="k2")
+    with pytest.raises(ArtifactError, match="is not signed"):
+        load_twin(twin_file[1], key="k1")
+    with pytest.raises(ArtifactError, match="signing key is empty"):
+        load_twin(signed, key="")
+
+
+def test_a_recomputed_checksum_passes_without_a_key_and_fails_with_one(twin_file, tmp_path):
+    stack, _ = twin_file
+    signed = save_twin(stack, tmp_path / "s.cputwin", training={}, metrics={}, sign_key="k1")
+
+    def plus_42(payload):
+        payload["stack"]["meta"]["intercepts"]["*"] += 42.0
+
+    edited = _rehashed(signed, tmp_path, plus_42)
+    loaded, _ = load_twin(edited)  # the checksum cannot tell: it guards against damage only
+    assert loaded.meta_intercept_ == pytest.approx(stack.meta_intercept_ + 42.0)
+    with pytest.raises(ArtifactError, match="signature mismatch"):
+        load_twin(edited, key="k1")
+
+
+def test_save_leaves_no_temporary_file(twin_file, tmp_path):
+    stack, _ = twin_file
+    save_twin(stack, tmp_path / "t.cputwin", training={}, metrics={})
+    assert [p.name for p in tmp_path.iterdir()] == ["t.cputwin"]
+
+
+def test_deep_nesting_is_refused_not_a_recursion_error(tmp_path):
+    path = tmp_path / "deep.cputwin"
+    path.write_bytes(gzip.compress(b"[" * 100_000 + b"]" * 100_000))
+    with pytest.raises(ArtifactError, match="nested too deeply"):
+        read_payload(path)
+
+
+@pytest.mark.parametrize("detector", [
+    "3.0", {"threshold": 3.0}, {"centre": {"*": 0.0}, "scale": {"io": 1.0}, "threshold": 3.0},
+    {"centre": {"*": float("nan")}, "scale": {"*": 1.0}, "threshold": 3.0},
+    {"centre": {"*": 0.0}, "scale": {"*": -1.0}, "threshold": 3.0},
+    {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": 3.0, "alpha": 2.0},
+    {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": 3.0, "oops": 1},
+    {"cpu_util_core_0": {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": 3.0},
+     "cpu_util_core_1": {"threshold": 3.0}},
+])
+def test_a_malformed_detector_block_is_refused(twin_file, tmp_path, detector):
+    stack, _ = twin_file
+    path = save_twin(stack, tmp_path / "d.cputwin", training={}, metrics={}, detector=detector)
+    with pytest.raises(ArtifactError, match="anomaly detector block is malformed"):
+        load_twin(path)
+
+
+def test_a_detector_per_core_is_accepted(twin_file, tmp_path):
+    stack, _ = twin_file
+    one = {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": float("inf")}
+    path = save_twin(stack, tmp_path / "d.cputwin", training={}, metrics={},
+                     detector={"cpu_util_core_0": one, "cpu_util_core_1": one})
+    load_twin(path)

@@ -53,6 +53,15 @@ Float32Opt = Annotated[bool, typer.Option(
 DaskOpt = Annotated[str | None, typer.Option(
     "--dask", metavar="ADDRESS",
     help="Fit on a Dask cluster: a scheduler address, or local:N for N local workers.")]
+PerHostOpt = Annotated[bool, typer.Option(
+    "--per-host", help="Each host on its own; exit code 1 if any host failed (the others "
+                       "still run).")]
+JobsOpt = Annotated[int, typer.Option(
+    "--jobs", "-j", min=1, help="With --per-host: hosts in N local processes at once.")]
+AlertWebhookOpt = Annotated[str | None, typer.Option(
+    "--alert-webhook", metavar="URL",
+    help="POST each alarm raise/clear to URL as Alertmanager JSON (e.g. "
+         "http://alertmanager:9093/api/v2/alerts).")]
 HostCategoryOpt = Annotated[bool, typer.Option(
     "--host-category", help="One twin over all hosts, each host a one-hot category.")]
 BasesOpt = Annotated[str, typer.Option(
@@ -60,9 +69,22 @@ BasesOpt = Annotated[str, typer.Option(
          "comma-separated list of bases.")]
 ModeOpt = Annotated[str, typer.Option(
     help="sensor: may read all but the target core; independent: nothing containing it.")]
+SignKeyOpt = Annotated[str | None, typer.Option(
+    "--sign-key", envvar="CPUTWIN_SIGN_KEY", show_envvar=True, show_default=False,
+    help="Signing key: train signs the twin (HMAC-SHA256); predict, watch and serve "
+         "refuse a twin not signed with it (docs/bad-input.md).")]
 MetaOpt = Annotated[str | None, typer.Option(
     help="Meta-model: auto, ridge, nnls, best, average, per_workload (default: ridge for "
          "the seed preset, auto otherwise).")]
+
+
+def positive(name: str, value: float | None, most: float = math.inf) -> float | None:
+    """A number of seconds or samples per second: finite, above 0, at most `most`."""
+    if value is not None and not (math.isfinite(value) and 0 < value <= most):
+        raise CputwinError(f"{name} must be a finite number above 0"
+                           + (f" and at most {most:g}" if math.isfinite(most) else "")
+                           + f", got {value}")
+    return value
 
 
 def _columns(value: str | None) -> dict[str, str] | None:
@@ -86,8 +108,9 @@ def _stack_options(bases: str, mode: str, meta: str | None, host_category: bool,
 
 
 @contextmanager
-def cli_errors() -> Iterator[None]:
-    """One line per warning; one line and an exit code per cputwin error."""
+def cli_errors(writes: Path | None = None, hint: str = "") -> Iterator[None]:
+    """One line per warning; one line and an exit code per cputwin error, and per write
+    the system refused (a full disk) under `writes`, the command's output."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -97,6 +120,14 @@ def cli_errors() -> Iterator[None]:
             _show_warnings(caught)
             err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            from cputwin.output import reason
+
+            _show_warnings(caught)
+            where = writes if writes is not None else exc.filename or "output"
+            err.print(f"error: {where}: {reason(exc)}{hint}", markup=False, highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
@@ -203,31 +234,62 @@ def evaluate(
     max_rounds: MaxRoundsOpt = None,
     float32: Float32Opt = False,
     dask: DaskOpt = None,
+    per_host: PerHostOpt = False,
+    jobs: JobsOpt = 1,
     columns: ColumnsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train and score the twin on DATA under an evaluation protocol."""
+    """Train and score the twin on DATA under an evaluation protocol.
+
+    With --per-host each host is evaluated on its own (with --dask, one task per host on
+    the cluster), then the fleet's R² spread is shown; exit code 1 if any host failed.
+    """
     with cli_errors(), spinner() as progress:
         from cputwin import pipeline
 
         summary, _ = pipeline.evaluate(
             data, protocol, target, train_fraction, report, progress, test_data=test or None,
-            dask=dask, columns=_columns(columns),
+            dask=dask, per_host=per_host, jobs=jobs, columns=_columns(columns),
             **_stack_options(bases, mode, meta, host_category, max_rounds, float32))
     if as_json:
         _json(summary)
-        return
+        raise typer.Exit(1 if summary.get("failed") else 0)
+    if per_host:
+        render_fleet(summary)
+        raise typer.Exit(1 if summary["failed"] else 0)
     if "targets" in summary:
         render_targets(summary)
     else:
         for s in ([summary["seed"], summary["honest"]] if protocol == "both" else [summary]):
             render_summary(s)
     if protocol == "both":
+        out.print(f"compared: {summary['compares']}", highlight=False)
         out.print("leakage audit of the seed protocol (measured):")
         for k, v in summary["audit"].items():
             out.print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
     if report:
         out.print(f"report: {report / 'report.html'}")
+
+
+def render_fleet(result: dict) -> None:
+    """Per host: the stack's scores; then the fleet's R² spread and the failed hosts."""
+    fleet = result["fleet"]
+    table = Table(title=f"stack per host · {fleet['hosts']} evaluated, {fleet['failed']} failed")
+    for col in ("host", "R²", "MAE", "RMSE"):
+        table.add_column(col, justify="left" if col == "host" else "right")
+    for host, s in fleet["per_host"].items():
+        table.add_row(host, _fmt(s["r2"]), _fmt(s["mae"]), _fmt(s["rmse"]))
+    out.print(table)
+    r2 = fleet["r2"]
+    worst = ", ".join(f"{w['host']} {_fmt(w['r2'])}" for w in fleet["worst"])
+    out.print(f"fleet R²: median {_fmt(r2['median'])}, mean {_fmt(r2['mean'])}, "
+              f"range {_fmt(r2['min'])} to {_fmt(r2['max'])}; worst: {worst or 'none'}")
+    render_failed(result["failed"])
+
+
+def render_failed(failed: dict) -> None:
+    for host, reason in failed.items():
+        out.print(f"host {host} failed: {reason}", highlight=False)
 
 
 def render_targets(summary: dict) -> None:
@@ -253,34 +315,46 @@ def train(
     mode: ModeOpt = "sensor",
     bases: BasesOpt = "twin",
     meta: MetaOpt = None,
-    per_host: Annotated[bool, typer.Option(
-        "--per-host", help="One twin per host, written as OUTPUT/<host>.cputwin.")] = False,
+    per_host: PerHostOpt = False,
+    jobs: JobsOpt = 1,
     host_category: HostCategoryOpt = False,
     max_rounds: MaxRoundsOpt = None,
     float32: Float32Opt = False,
     dask: DaskOpt = None,
+    sign_key: SignKeyOpt = None,
     columns: ColumnsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fit a twin on all of DATA and save it as a pickle-free .cputwin file."""
+    """Fit a twin on all of DATA and save it as a pickle-free .cputwin file.
+
+    With --per-host, one twin per host, written as OUTPUT/<host>.cputwin (with --dask, one
+    task per host on the cluster); exit code 1 if any host failed, the others still train.
+    """
     with cli_errors(), spinner() as progress:
         from cputwin import pipeline
 
         result = pipeline.train(
-            data, output, target, progress, per_host=per_host, dask=dask,
-            columns=_columns(columns),
+            data, output, target, progress, per_host=per_host, dask=dask, jobs=jobs,
+            sign_key=sign_key, columns=_columns(columns),
             **_stack_options(bases, mode, meta, host_category, max_rounds, float32))
     if as_json:
         _json(result)
-        return
+        raise typer.Exit(1 if result.get("failed") else 0)
     for host, one in (result["hosts"].items() if per_host else [(None, result)]):
         oof = one["out_of_fold"]
         out.print(f"{'host ' + host + ': ' if host else ''}twin written to {one['twin']} "
                   f"(target {target}, mode {mode}, {one['rows']} rows, "
                   f"meta-model {one['meta']['kind']})")
-        out.print("out-of-fold R²: " + ", ".join(f"{k} {_fmt(v['r2'])}" for k, v in oof.items()))
+        out.print("out-of-fold R²: " + ", ".join(f"{k} {_fmt(v['r2'])}" for k, v in oof.items()
+                                                  if k != "per_core"))
+        for core, d in one.get("detector", {}).items():
+            out.print(detector_line(core, d), highlight=False)
         if "timing" in one:
             out.print(timing_line(one["timing"]), highlight=False)
+    if per_host:
+        out.print(f"{len(result['hosts'])} hosts trained, {len(result['failed'])} failed")
+        render_failed(result["failed"])
+        raise typer.Exit(1 if result["failed"] else 0)
 
 
 @app.command()
@@ -288,6 +362,7 @@ def predict(
     twin: Annotated[Path, typer.Argument(help="A .cputwin file.")],
     data: DataArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write.")],
+    sign_key: SignKeyOpt = None,
     columns: ColumnsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -295,7 +370,7 @@ def predict(
     with cli_errors():
         from cputwin import pipeline
 
-        result = pipeline.predict(twin, data, output, columns=_columns(columns))
+        result = pipeline.predict(twin, data, output, key=sign_key, columns=_columns(columns))
     if as_json:
         _json(result)
         return
@@ -347,6 +422,9 @@ def record_remote(url: str, seconds: float, rate: float, out_dir: Path, label: s
             sampler, seconds, out_dir, label, tick=lambda f: bar.update(task, completed=f))
 
 
+KEPT_AS_PARTS = " (the samples written so far stay in <run>.parts: `cputwin recover` them)"
+
+
 @app.command()
 def collect(
     workload: Annotated[str, typer.Option(help="A built-in workload, or 'all'.")] = "all",
@@ -361,9 +439,14 @@ def collect(
 ) -> None:
     """Record labelled telemetry of this machine, one parquet file per workload; with
     --from, record a remote host through its node_exporter (no workload is started)."""
+    from cputwin.output import check_folder
     from cputwin.telemetry.collector import expand_workloads
 
-    with cli_errors():
+    with cli_errors(out_dir, KEPT_AS_PARTS):
+        positive("--seconds", seconds)
+        positive("--rate", rate, 100.0)
+        names = expand_workloads(workload) if source is None else []
+        check_folder(out_dir)  # after the arguments: a typo creates no folder
         if source is not None:
             results = [record_remote(source, seconds, rate or 1.0, out_dir, label)]
             if not as_json:
@@ -371,8 +454,8 @@ def collect(
         elif label is not None:
             raise CputwinError("--label names what a remote host ran: it needs --from")
         else:
-            results = record_workloads(expand_workloads(workload), seconds, rate or 10.0,
-                                       out_dir, announce=not as_json)
+            results = record_workloads(names, seconds, rate or 10.0, out_dir,
+                                       announce=not as_json)
     if as_json:
         _json({"runs": [{"path": str(r.path), "rows": r.rows, "median_step_s": r.median_step}
                         for r in results]})
@@ -400,10 +483,13 @@ def import_prometheus(
 ) -> None:
     """Read node_exporter's CPU counters (node_cpu_seconds_total) for one instance from a
     Prometheus server and write them as runs (one per stretch without gaps or resets)."""
-    with cli_errors():
+    with cli_errors(out_dir):
+        from cputwin.output import check_folder
         from cputwin.telemetry.prometheus import import_prometheus as run_import
         from cputwin.telemetry.prometheus import parse_time
 
+        positive("--step", step)
+        check_folder(out_dir)
         frame, paths = run_import(url, instance, parse_time(start), parse_time(end), out_dir,
                                   step)
     rows = frame.group_by("run", maintain_order=True).len()["len"].to_list()
@@ -422,7 +508,7 @@ def recover(
     as_json: JsonOpt = False,
 ) -> None:
     """Turn what an interrupted `collect` saved (<run>.parts) into a run (<run>.parquet)."""
-    with cli_errors():
+    with cli_errors(parts.with_suffix(".parquet")):
         from cputwin.telemetry.collector import recover_parts
 
         path, rows = recover_parts(parts)
@@ -443,7 +529,8 @@ def demo(
     """Train and evaluate honestly on the embedded sample (or, with --live, on this machine)."""
     from cputwin.telemetry.collector import expand_workloads
 
-    with cli_errors():
+    with cli_errors(out_dir):
+        positive("--seconds", seconds)
         data = None
         if live:
             data = out_dir / "telemetry"
@@ -485,6 +572,8 @@ def watch(
     pid: Annotated[int | None, typer.Option(
         help="The workload's process (children included), for a twin that reads the "
              "workload's own CPU use (e.g. --bases detect_wcpu).", min=1)] = None,
+    alert_webhook: AlertWebhookOpt = None,
+    sign_key: SignKeyOpt = None,
     source: FromOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -497,26 +586,44 @@ def watch(
 
     with cli_errors():
         from cputwin import pipeline
+        from cputwin.live.alerts import AlertSender
         from cputwin.live.watch import watch as run_watch
+        from cputwin.output import check_file, check_folder
 
+        positive("--rate", rate, 100.0)
+        positive("--seconds", seconds)
+        url = _webhook(alert_webhook)
         rate = rate or (1.0 if source else 10.0)
-        stack, detector, _ = pipeline.open_twin(twin)
+        if record is not None:
+            check_folder(record)
+        if events is not None:
+            check_file(events, append=True)
+        stack, detector, _ = pipeline.open_twin(twin, sign_key)
+        workload = pipeline.live_workload(stack, workload)
         sampler = None
         if source is not None:
             from cputwin.telemetry.prometheus import NodeExporterSampler
 
             sampler = NodeExporterSampler(source)
-        workload = pipeline.live_workload(stack, workload)
+        alerts = AlertSender(url) if url else None
         observed, predicted = deque(maxlen=60), deque(maxlen=60)
         live = Live(console=err, auto_refresh=False,
                     transient=False) if err.is_terminal and not as_json else None
 
         def show(row: dict, tick) -> None:
-            observed.append(row[stack.target])
+            first = stack.targets_[0] if stack.machine_ else stack.target
+            observed.append(row[first])
             predicted.append(tick.prediction if tick.prediction is not None else float("nan"))
-            if tick.event and not live and not as_json:
-                out.print(f"alarm {tick.event} at {row['timestamp']:.1f} (score {tick.score:.2f})")
-            if live:
+            if not live and not as_json:
+                for core in tick.cores:
+                    if core.event:
+                        out.print(f"alarm {core.event} on {core.target} at "
+                                  f"{row['timestamp']:.1f} (score {core.score:.2f})")
+            if live and stack.machine_:
+                live.update(Panel(machine_panel(row, tick, detector, stack.mode, workload),
+                                  title="cputwin watch · every core · Ctrl-C to stop"),
+                            refresh=True)
+            elif live:
                 state = "[bold red]ALARM[/]" if tick.alarm else "[green]ok[/]"
                 twin_v = "…" if tick.prediction is None else f"{tick.prediction:6.1f}"
                 resid = "" if tick.residual is None else f"{tick.residual:+6.1f}"
@@ -533,7 +640,7 @@ def watch(
             live.start()
         try:
             summary = run_watch(stack, detector, show, workload, rate, seconds, record, events,
-                                pid, sampler=sampler)
+                                pid, alerts, sampler=sampler)
         finally:
             if live:
                 live.stop()
@@ -544,26 +651,80 @@ def watch(
                   + (f", recorded to {summary['record']}" if summary["record"] else ""))
 
 
+def detector_line(core: str, summary: dict) -> str:
+    """What the core's detector can see: the smallest extra load that alarms within 2 s."""
+    power = {w: p for w, p in summary["power"].items() if w != "*"} or summary["power"]
+    shown = ", ".join(f"{w} {_points(p)}" for w, p in sorted(power.items()))
+    return (f"{core}: alarm threshold {summary['threshold']:.2f}; extra load that alarms "
+            f"within 2 s (points): {shown}")
+
+
+def _points(value: float) -> str:
+    return "none" if not math.isfinite(value) else f"{value:.0f}"
+
+
+def machine_panel(row: dict, tick, detectors: dict | None, mode: str, workload: str) -> str:
+    """One line per core: observed, twin, residual, score against its threshold, state."""
+    lines = [f"machine twin ({mode}, workload {workload})",
+             f"{'core':<8}{'observed':>9}{'twin':>8}{'resid':>8}{'score':>8}{'thr':>7}  state"]
+    by_core = {c.target: c for c in tick.cores}
+    for name in sorted((c for c in row if c.startswith("cpu_util_core_")),
+                       key=lambda c: int(c.rsplit("_", 1)[1])):
+        core = by_core.get(name)
+        short = name.removeprefix("cpu_util_")
+        if core is None:
+            lines.append(f"{short:<8}{row[name]:9.1f}{'…':>8}")
+            continue
+        thr = detectors[name].threshold if detectors else float("nan")
+        resid = "" if core.residual is None else f"{core.residual:+8.1f}"
+        score = "" if core.score is None else f"{core.score:8.2f}"
+        state = "[bold red]ALARM[/]" if core.alarm else "[green]ok[/]"
+        lines.append(f"{short:<8}{row[name]:9.1f}{core.prediction:8.1f}{resid:>8}{score:>8}"
+                     f"{thr:7.2f}  {state}")
+    return "\n".join(lines)
+
+
 @app.command()
 def serve(
     twin: Annotated[Path, typer.Argument(help="A .cputwin file.")],
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port, 1..65535.")] = 8000,
     max_streams: Annotated[int, typer.Option(help="Live streams kept at most.")] = 1000,
     stream_ttl: Annotated[float, typer.Option(help="Seconds before an idle stream expires.")]
     = 300.0,
     max_body: Annotated[int, typer.Option(help="Largest request body, in bytes.")] = 1_000_000,
+    token: Annotated[str | None, typer.Option(
+        envvar="CPUTWIN_TOKEN", show_envvar=True,
+        help="Require 'Authorization: Bearer TOKEN' on every route but /healthz.")] = None,
+    alert_webhook: AlertWebhookOpt = None,
+    sign_key: SignKeyOpt = None,
 ) -> None:
-    """Serve the twin over HTTP: /v1/predict, /v1/streams/{id}/samples, /healthz, /metrics."""
+    """Serve the twin over HTTP: /v1/predict, /v1/streams/{id}/samples, /healthz, /metrics
+    (see docs/serve.md)."""
+    import logging
+
     with cli_errors():
-        import uvicorn
+        from cputwin.live import serve as service
+        from cputwin.pipeline import open_twin
 
-        from cputwin.artifact import read_payload
-        from cputwin.live.serve import create_app
+        open_twin(twin, sign_key)  # a bad file fails here, in one line, before the server starts
+        app_ = service.create_app(twin, max_streams, stream_ttl, max_body, token or None,
+                                  _webhook(alert_webhook))
+        sock = service.bind(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"serving {twin} on http://{shown}:{port} (Ctrl-C to stop)", highlight=False)
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    try:
+        service.run(app_, sock)  # warnings are logged per request, never kept
+    except KeyboardInterrupt:
+        err.print("stopped", highlight=False)
+        raise typer.Exit(130) from None
 
-        read_payload(twin)  # a bad file fails here, in one line, before the server starts
-        uvicorn.run(create_app(twin, max_streams, stream_ttl, max_body), host=host, port=port,
-                    log_level="warning", access_log=False)  # /metrics counts requests
+
+def _webhook(url: str | None) -> str | None:
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise CputwinError(f"--alert-webhook must be an http(s) URL, not {url!r}")
+    return url
 
 
 def _version(value: bool) -> None:

@@ -5,6 +5,7 @@
     ├── FeatureError             a feature spec that cannot be built for the given data
     ├── ModelError               a model used before fit, or fed a frame it was not trained for
     ├── ArtifactError            a twin file that is truncated, edited or not a twin at all
+    ├── OutputError              an output that cannot be written (missing, read-only, full)
     └── WorkloadError            a workload that died while telemetry was being collected
 
 Every message is a single line that names what was wrong and where.
@@ -31,6 +32,10 @@ class ModelError(CputwinError):
 
 class ArtifactError(CputwinError):
     """A twin file that cannot be trusted."""
+
+
+class OutputError(CputwinError):
+    """An output path that cannot be written: checked before the work, or failed during it."""
 
 
 class WorkloadError(CputwinError):

@@ -18,9 +18,10 @@ import numpy as np
 import polars as pl
 
 from cputwin.artifact import fingerprint, load_twin, save_twin
-from cputwin.errors import DataError
+from cputwin.errors import CputwinError, DataError
 from cputwin.evaluation.metrics import scores
 from cputwin.evaluation.protocols import (
+    SEED_SETS,
     Evaluation,
     Fit,
     evaluate_honest,
@@ -33,8 +34,11 @@ from cputwin.features.engine import unseen_workloads
 from cputwin.live.detector import Detector, calibrate
 from cputwin.models import TwinStack
 from cputwin.models.base import params_for, resolve_bases
+from cputwin.models.cluster import run_each
+from cputwin.models.stack import ALL_CORES
+from cputwin.output import check_file, check_folder, write_atomic
 from cputwin.telemetry.collector import file_safe
-from cputwin.telemetry.ingest import DataWarning, load_hosts, load_runs, resolve_paths, schema_of
+from cputwin.telemetry.ingest import DataWarning, host_of, load_runs, resolve_paths, schema_of
 from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD
 
 Progress = Callable[[str, float], None]
@@ -54,24 +58,28 @@ def make_stack(
     host_category: bool = False,
     max_rounds: int | None = None,
     float32: bool = False,
+    threads: int | None = None,
 ) -> TwinStack:
     """A stack as the CLI builds it: the seed's pair keeps the seed's RidgeCV meta-model,
     any other set of bases lets the out-of-fold score choose (`auto`).
 
     max_rounds caps every LightGBM base's boosting rounds (early stopping may stop
-    sooner); float32 halves the feature matrices (both for millions of rows).
+    sooner); float32 halves the feature matrices (both for millions of rows); threads
+    caps LightGBM's threads per base (several twins trained side by side).
     """
     if meta is None:
         meta = "ridge" if bases == "seed" else "auto"
-    base_params = None
-    if max_rounds is not None:
-        if max_rounds < 1:
-            raise DataError(f"max rounds must be at least 1, got {max_rounds}")
-        base_params = {b.name: {"n_estimators": min(max_rounds, params_for(b.name, b.params)
-                                                    ["n_estimators"])}
-                       for b in resolve_bases(bases) if b.learner == "lgbm"}
+    if max_rounds is not None and max_rounds < 1:
+        raise DataError(f"max rounds must be at least 1, got {max_rounds}")
+    base_params = {}
+    for b in resolve_bases(bases):
+        if b.learner == "lgbm" and (max_rounds is not None or threads is not None):
+            base_params[b.name] = {
+                **({} if max_rounds is None else
+                   {"n_estimators": min(max_rounds, params_for(b.name, b.params)["n_estimators"])}),
+                **({} if threads is None else {"n_jobs": threads})}
     return TwinStack(bases=bases, target=target, mode=mode, meta_model=meta,
-                     host_category=host_category, base_params=base_params,
+                     host_category=host_category, base_params=base_params or None,
                      feature_dtype="float32" if float32 else "float64")
 
 
@@ -106,6 +114,8 @@ def evaluate(
     *,
     test_data: Any = None,
     dask: str | None = None,
+    per_host: bool = False,
+    jobs: int = 1,
     columns: dict[str, str] | None = None,
     **stack_options: Any,
 ) -> tuple[dict[str, Any], list[Evaluation]]:
@@ -116,10 +126,22 @@ def evaluate(
     `make_stack` (bases, mode, meta, host_category, max_rounds, float32); `dask` fits
     on a cluster (`fitter`).
     Returns the JSON summary: one target's object; for `both`, {"seed", "honest",
-    "audit"}; for target `all`, {"targets": {...}, "mean": {"r2", "mae", "rmse"}}.
+    "audit", "compares"}; for target `all`, {"targets": {...}, "mean": {"r2", "mae", "rmse"}}.
+    per_host: each host on its own (`evaluate_hosts`); the evaluations stay with the hosts.
+    columns: a file's column names -> cputwin's (`load_runs`).
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if per_host:
+        if test_data is not None:
+            raise DataError("--per-host and --test exclude each other: --test scores one twin")
+        return evaluate_hosts(data, target, progress, protocol=protocol,
+                              train_fraction=train_fraction, report_dir=report_dir, jobs=jobs,
+                              dask=dask, **stack_options, **_column_option(columns)), []
+    if jobs != 1:
+        raise DataError("--jobs runs hosts side by side: it needs --per-host")
+    if report_dir is not None:
+        check_folder(report_dir)  # before the fit, not after it
     frame = load_runs(data, columns)
     test_frame = load_runs(test_data, columns) if test_data is not None else None
     targets = targets_of(frame, target)
@@ -156,9 +178,22 @@ def _evaluate_target(frame, test_frame, target, protocol, train_fraction, report
             runs.append(evaluate_honest(frame, stack, train_fraction, report, fit)[0])
     if protocol != "seed":  # the twin's lags and windows, in samples and seconds
         runs[-1].summary["timing"] = stack.time_span()
-    summary = ({**{e.summary["protocol"]: e.summary for e in runs}, "audit": runs[0].audit}
+    summary = ({**{e.summary["protocol"]: e.summary for e in runs}, "audit": runs[0].audit,
+                "compares": compares(runs[1].summary)}
                if protocol == "both" else runs[0].summary)
     return summary, runs
+
+
+def compares(honest: dict[str, Any]) -> str:
+    """What `--protocol both` sets side by side, in a line."""
+    return (f"seed protocol on the seed's pair ({' + '.join(SEED_SETS)}, RidgeCV meta-model) "
+            f"against the honest protocol on {', '.join(honest['bases'])} "
+            f"({honest['meta']['kind']} meta-model)")
+
+
+def _column_option(columns: dict[str, str] | None) -> dict[str, Any]:
+    """`columns` as a keyword for each host's own call (`run_each` passes options on)."""
+    return {"columns": columns} if columns else {}
 
 
 def partial(progress: Progress, label: str) -> Progress:
@@ -173,32 +208,134 @@ def train(
     *,
     per_host: bool = False,
     dask: str | None = None,
+    jobs: int = 1,
+    sign_key: str | bytes | None = None,
     columns: dict[str, str] | None = None,
     **stack_options: Any,
 ) -> dict[str, Any]:
     """Fit a twin on all of `data` and save it; metrics are the out-of-fold scores.
 
-    per_host: one twin per host (`load_hosts`), each saved as `out/<host>.cputwin`;
-    hosts may differ in core count. Returns {"hosts": {host: that twin's result}}.
-    `stack_options` go to `make_stack`; `dask` fits on a cluster (`fitter`).
+    per_host: one twin per host, each saved as `out/<host>.cputwin` (`train_hosts`).
+    `stack_options` go to `make_stack`; `dask` fits on a cluster (`fitter`); `sign_key`
+    signs the file (`save_twin`).
     """
     paths = resolve_paths(data)
-    if per_host and stack_options.get("host_category"):
+    if per_host:
+        return train_hosts(paths, out, target, progress, jobs=jobs, dask=dask,
+                           sign_key=sign_key, **stack_options, **_column_option(columns))
+    if jobs != 1:
+        raise DataError("--jobs runs hosts side by side: it needs --per-host")
+    out = check_file(out)  # before the fit, not after it
+    with fitter(dask) as fit:
+        return train_frame(load_runs(paths, columns), fingerprint(paths), out, target, progress, fit,
+                           sign_key=sign_key, **stack_options)
+
+
+# ------------------------------------------------------------------- one twin per host
+def hosts_of(paths: list[Path]) -> dict[str, list[Path]]:
+    """Files grouped by the host that recorded them (`host_of`), hosts in sorted order."""
+    by_host: dict[str, list[Path]] = {}
+    for path in paths:
+        by_host.setdefault(host_of(path), []).append(path)
+    return dict(sorted(by_host.items()))
+
+
+def train_hosts(
+    paths: list[Path],
+    out: Path,
+    target: str,
+    progress: Progress | None = None,
+    *,
+    jobs: int = 1,
+    dask: str | None = None,
+    **stack_options: Any,
+) -> dict[str, Any]:
+    """One twin per host, saved as `out/<host>.cputwin`; hosts may differ in core count.
+
+    Hosts train one after another, in `jobs` local processes, or as one task each on the
+    Dask cluster at `dask`; each task reads its own host's files by path. A host that
+    fails (unreadable files, too short to stack) is listed under "failed" with its
+    reason and the others still train. Returns {"hosts": {host: that twin's result},
+    "failed": {host: reason}}.
+    """
+    if stack_options.get("host_category"):
         raise DataError("--per-host and --host-category exclude each other: one twin per host, "
                         "or one twin over all hosts")
     out = Path(out)
-    if per_host and out.exists() and not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise DataError(f"{out}: --per-host writes one twin per host into a folder; this is a file")
-    frames = load_hosts(paths, columns) if per_host else {None: load_runs(paths, columns)}
-    results = {}
-    with fitter(dask) as fit:
-        for host, frame in frames.items():
-            report = partial(progress, host) if progress and host else progress
-            path = out / f"{file_safe(host)}.cputwin" if host else out
-            path.parent.mkdir(parents=True, exist_ok=True)
-            results[host] = train_frame(frame, fingerprint(paths), path, target, report, fit,
-                                        **stack_options)
-    return {"hosts": results} if per_host else results[None]
+    check_folder(out)
+    calls = {host: ([str(p) for p in files], str(out / f"{file_safe(host)}.cputwin"), target,
+                    stack_options) for host, files in hosts_of(paths).items()}
+    return split_failures(run_each(_train_host, calls, jobs, dask, count_hosts(progress)))
+
+
+def _train_host(paths: list[str], out: str, target: str, options: dict[str, Any],
+                threads: int | None = None) -> dict[str, Any]:
+    """One host's twin, wherever it runs (a local process, a Dask worker)."""
+    return train(paths, Path(out), target, threads=threads, **options)
+
+
+def evaluate_hosts(data: Any, target: str, progress: Progress | None = None, *,
+                   protocol: str = "honest", train_fraction: float = 0.8,
+                   report_dir: Path | None = None, jobs: int = 1, dask: str | None = None,
+                   **stack_options: Any) -> dict[str, Any]:
+    """`evaluate` for each host on its own (run as `train_hosts` runs hosts), with the
+    fleet's distribution of the stack's R². A report, if asked, goes to
+    `report_dir/<host>/`. Returns {"hosts": {host: its summary}, "failed": {host: reason},
+    "fleet": `fleet_scores`}.
+    """
+    calls = {host: ([str(p) for p in files], protocol, target, train_fraction,
+                    None if report_dir is None else str(Path(report_dir) / file_safe(host)),
+                    stack_options) for host, files in hosts_of(resolve_paths(data)).items()}
+    result = split_failures(run_each(_evaluate_host, calls, jobs, dask, count_hosts(progress)))
+    return {**result, "fleet": fleet_scores(result["hosts"], len(result["failed"]))}
+
+
+def _evaluate_host(paths: list[str], protocol: str, target: str, train_fraction: float,
+                   report_dir: str | None, options: dict[str, Any],
+                   threads: int | None = None) -> dict[str, Any]:
+    return evaluate(paths, protocol, target, train_fraction,
+                    None if report_dir is None else Path(report_dir), threads=threads,
+                    **options)[0]
+
+
+def count_hosts(progress: Progress | None) -> Callable[[str, int, int], None] | None:
+    """Progress that counts hosts done."""
+    if progress is None:
+        return None
+    return lambda host, n, total: progress(f"{n}/{total} hosts ({host})", n / total)
+
+
+def split_failures(results: dict[str, Any]) -> dict[str, Any]:
+    """Hosts whose task returned, and hosts whose task raised, with the reason in a line."""
+    ok = {h: r for h, r in results.items() if not isinstance(r, BaseException)}
+    failed = {h: str(r) if isinstance(r, CputwinError) else f"{type(r).__name__}: {r}"
+              for h, r in results.items() if isinstance(r, BaseException)}
+    return {"hosts": ok, "failed": failed}
+
+
+def headline(summary: dict[str, Any]) -> dict[str, float]:
+    """A host's stack scores: its target's, the mean over cores (`all`), or the honest
+    protocol's (`both`)."""
+    if "targets" in summary:
+        return summary["mean"]
+    one = summary.get("honest", summary)
+    return {m: one[m]["stack"] for m in ("r2", "mae", "rmse")}
+
+
+def fleet_scores(summaries: dict[str, dict[str, Any]], failed: int = 0,
+                 n_worst: int = 3) -> dict[str, Any]:
+    """How the stack's R² spreads over hosts: median, mean, range, the worst hosts."""
+    per_host = {h: headline(s) for h, s in summaries.items()}
+    r2 = {h: s["r2"] for h, s in per_host.items() if s["r2"] == s["r2"]}
+    values = np.array(list(r2.values()))
+    stats = ({"median": float(np.median(values)), "mean": float(values.mean()),
+              "min": float(values.min()), "max": float(values.max())}
+             if values.size else {k: float("nan") for k in ("median", "mean", "min", "max")})
+    worst = sorted(r2, key=r2.get)[:n_worst]
+    return {"hosts": len(summaries), "failed": failed, "r2": stats,
+            "worst": [{"host": h, "r2": r2[h]} for h in worst], "per_host": per_host}
 
 
 def train_frame(
@@ -208,36 +345,84 @@ def train_frame(
     target: str,
     progress: Progress | None = None,
     fit: Fit = local_fit,
+    sign_key: str | bytes | None = None,
     **stack_options: Any,
 ) -> dict[str, Any]:
-    """Fit, calibrate the detector, save; the result names the out-of-fold scores."""
-    schema_of(frame).check_target(target)
+    """Fit, calibrate the detector, save (signed with `sign_key`, if given); the result
+    names the out-of-fold scores."""
+    if target != ALL_CORES:
+        schema_of(frame).check_target(target)
     stack = fit(make_stack(target, **stack_options), frame, progress)
-    y = frame[target].to_numpy()[stack.oof_index_]
-    oof = stack.oof_predictions_
-    stacked = stack.meta_.predict(oof, frame[WORKLOAD].to_numpy()[stack.oof_index_])
-    metrics = {"out_of_fold": {
-        **{s.name: scores(y, oof[:, j]) for j, s in enumerate(stack.base_specs_)},
-        "stack": scores(y, stacked),
-    }}
+    metrics = {"out_of_fold": out_of_fold_scores(stack, frame)}
     training = {"fingerprint": data_fingerprint, "rows": frame.height,
                 "runs": frame[RUN_COLUMN].n_unique()}
     if HOST in frame.columns:
         training["hosts"] = sorted(frame[HOST].unique().to_list())
     detector = calibrate(stack, frame)
-    save_twin(stack, out, training=training, metrics=metrics, detector=detector.to_dict())
+    detectors = detector if isinstance(detector, dict) else {stack.target: detector}
+    warn_blind_spots(detectors, stack.mode)
+    save_twin(stack, out, training=training, metrics=metrics,
+              detector=None if stack.machine_ else detector.to_dict(),
+              detectors={c: d.to_dict() for c, d in detectors.items()} if stack.machine_ else None,
+              sign_key=sign_key)
     return {"twin": str(out), "target": target, "mode": stack.mode, "rows": frame.height,
             **({"hosts": training["hosts"]} if "hosts" in training else {}), **metrics,
+            "detector": detector_summary(detectors),
             "timing": stack.time_span(),
             "meta": {"kind": stack.meta_.kind, "weights": stack.meta_weights_,
                      "intercept": stack.meta_intercept_}}
 
 
-def predict(twin: Path, data: Any, out: Path, columns: dict[str, str] | None = None
-            ) -> dict[str, Any]:
-    """Predict every row of `data` with a saved twin and write a parquet of predictions."""
-    stack, _ = load_twin(Path(twin))
+def out_of_fold_scores(stack: TwinStack, frame: pl.DataFrame) -> dict[str, Any]:
+    """Each base's and the stack's scores on the out-of-fold rows (a machine twin: per
+    core, and the stack's mean over cores)."""
+    rows = stack.oof_index_ % frame.height
+    core = stack.oof_index_ // frame.height
+    actual = np.column_stack([frame[c].to_numpy() for c in stack.targets_])[rows, core]
+    oof = stack.oof_predictions_
+    stacked = stack.meta_.predict(oof, frame[WORKLOAD].to_numpy()[rows])
+    out = {**{s.name: scores(actual, oof[:, j]) for j, s in enumerate(stack.base_specs_)},
+           "stack": scores(actual, stacked)}
+    if stack.machine_:
+        out["per_core"] = {c: scores(actual[core == k], stacked[core == k])
+                           for k, c in enumerate(stack.targets_)}
+    return out
+
+
+def warn_blind_spots(detectors: dict[str, Detector], mode: str) -> None:
+    """One plain line per core and workload where the detector is nearly blind."""
+    for core, d in detectors.items():
+        for workload, points in d.blind_spots().items():
+            what = "all workloads" if workload == "*" else f"workload {workload}"
+            need = "no load" if not np.isfinite(points) else f"{points:.0f} points of extra load"
+            warnings.warn(
+                f"{core}: the anomaly detector needs {need} to alarm within 2 s in {what} "
+                f"({d.blind_reason(workload)}); record longer, on a quieter machine, or with "
+                "the workload's own CPU use (cputwin collect records it; --bases detect_wcpu)"
+                + ("; detection needs --mode independent" if mode == "sensor" else ""),
+                DataWarning, stacklevel=2)
+
+
+def detector_summary(detectors: dict[str, Detector]) -> dict[str, Any]:
+    """Per watched core: threshold, power per workload (the smallest sustained extra load
+    that alarms within 2 s), and the workloads where the detector is blind."""
+    return {core: {"threshold": d.threshold, "power": d.power,
+                   "blind": d.blind_spots(),
+                   "unexplained": d.calibration.get("unexplained_workloads", {})}
+            for core, d in detectors.items()}
+
+
+def predict(twin: Path, data: Any, out: Path, key: str | bytes | None = None,
+            columns: dict[str, str] | None = None) -> dict[str, Any]:
+    """Predict every row of `data` with a saved twin and write a parquet of predictions.
+
+    key: the signing key the twin must be signed with (`load_twin`); columns: a file's
+    column names -> cputwin's (`load_runs`)."""
+    out = check_file(out)
+    stack, _ = load_twin(Path(twin), key)
     frame = load_runs(data, columns)
+    if stack.machine_:
+        return _predict_machine(stack, frame, out)
     bases, valid = stack.predict_bases(frame)
     pred = stack.combine(bases, frame[WORKLOAD].to_numpy())
     table = frame.select(RUN_COLUMN, TIMESTAMP, WORKLOAD, pl.col(stack.target).alias("actual"))
@@ -246,15 +431,29 @@ def predict(twin: Path, data: Any, out: Path, columns: dict[str, str] | None = N
         pl.Series("twin", pred),
         pl.Series("residual", frame[stack.target].to_numpy() - pred),
     )
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    table.write_parquet(tmp)
-    tmp.replace(out)
+    write_atomic(out, table.write_parquet)
     ok = valid
     result = {"predictions": str(out), "target": stack.target, "mode": stack.mode,
               "rows": frame.height, "predicted": int(ok.sum())}
     if ok.sum() >= 2:
         result["scores"] = scores(frame[stack.target].to_numpy()[ok], pred[ok])
+    return result
+
+
+def _predict_machine(stack: TwinStack, frame: pl.DataFrame, out: Path) -> dict[str, Any]:
+    """A machine twin's predictions: for every core K, `twin_<K>` and `residual_<K>`."""
+    cores = stack.cores_of(frame)
+    pred = stack.predict(frame)
+    actual = frame.select(cores).to_numpy()
+    table = frame.select(RUN_COLUMN, TIMESTAMP, WORKLOAD).with_columns(
+        *[pl.Series(f"twin_{c}", pred[:, k]) for k, c in enumerate(cores)],
+        *[pl.Series(f"residual_{c}", actual[:, k] - pred[:, k]) for k, c in enumerate(cores)])
+    write_atomic(out, table.write_parquet)
+    ok = ~np.isnan(pred).any(axis=1)
+    result = {"predictions": str(out), "target": ALL_CORES, "cores": cores,
+              "mode": stack.mode, "rows": frame.height, "predicted": int(ok.sum())}
+    if ok.sum() >= 2:
+        result["scores"] = {c: scores(actual[ok, k], pred[ok, k]) for k, c in enumerate(cores)}
     return result
 
 
@@ -267,9 +466,15 @@ def live_workload(stack: TwinStack, workload: str | None) -> str:
     return label
 
 
-def open_twin(path: Path) -> tuple[TwinStack, Detector | None, dict[str, Any]]:
-    """A saved twin: its stack, its anomaly detector (if calibrated), its payload."""
-    stack, payload = load_twin(Path(path))
+def open_twin(path: Path, key: str | bytes | None = None
+              ) -> tuple[TwinStack, Detector | dict[str, Detector] | None, dict[str, Any]]:
+    """A saved twin: its stack, its anomaly detector (if calibrated; a machine twin's: one
+    per core), its payload.
+
+    key: the signing key the twin must be signed with (`load_twin`)."""
+    stack, payload = load_twin(Path(path), key)
+    if payload.get("detectors"):
+        return stack, {c: Detector.from_dict(d) for c, d in payload["detectors"].items()}, payload
     detector = Detector.from_dict(payload["detector"]) if payload.get("detector") else None
     return stack, detector, payload
 

@@ -18,6 +18,7 @@ from sklearn.linear_model import RidgeCV
 
 from cputwin.errors import ModelError
 from cputwin.features.spec import FeatureSpec, get_spec
+from cputwin.models.lgbm_text import check_model_text
 
 # Early stopping always names its metric: in LightGBM 4.7 'r2' is a real metric that
 # is maximised by stopping at iteration 1, which silently ruins the seed's V2.3 call.
@@ -80,6 +81,7 @@ BUILTIN_BASES: dict[str, BaseSpec] = {b.name: b for b in (
     BaseSpec("v2.0", get_spec("v2.0"), "lgbm", SEED_PARAMS["v2.0"], early_stopping=True),
     BaseSpec("v2.3", get_spec("v2.3"), "lgbm", SEED_PARAMS["v2.3"], early_stopping=True),
     BaseSpec("physics_linear", get_spec("physics"), "linear"),
+    BaseSpec("physics_pooled", get_spec("physics"), "linear", pooled=True),
     BaseSpec("gbm_l2", get_spec("rich"), "lgbm", dict(_BOOSTED, objective="regression",
                                                        num_leaves=15)),
     BaseSpec("gbm_l1", get_spec("rich"), "lgbm", dict(_BOOSTED, objective="regression_l1",
@@ -119,11 +121,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
     # core's rows, so a workload the scheduler puts on another core than it did in training
     # is a situation they have seen (a per-core model extrapolates there, and a hidden
     # process on the target then looks like the workload).
-    "detect": ("physics_linear", "gbm_pooled", "gbm_pooled_seed7"),
+    "detect": ("physics_pooled", "gbm_pooled", "gbm_pooled_seed7"),
     # `detect` that also reads the labelled workload's own CPU use (runs recorded by
     # `cputwin collect`; the seed's data has none): the workload moving onto the target is
     # then expected, and only load that no known process accounts for stands out.
-    "detect_wcpu": ("physics_linear", "gbm_pooled_wcpu", "gbm_pooled_wcpu_seed7"),
+    "detect_wcpu": ("physics_pooled", "gbm_pooled_wcpu", "gbm_pooled_wcpu_seed7"),
 }
 
 
@@ -288,6 +290,7 @@ def base_from_dict(data: dict[str, Any]) -> FittedBase:
     if data.get("learner", "lgbm") == "linear":
         return LinearModel(data["feature_set"], list(data["feature_names"]),
                            np.asarray(data["coef"], dtype=float), float(data["intercept"]))
+    check_model_text(data["lightgbm_model"])  # a malformed text aborts LightGBM's parser
     booster = lgb.Booster(model_str=data["lightgbm_model"])
     return BaseModel(data["feature_set"], list(data["feature_names"]), booster)
 

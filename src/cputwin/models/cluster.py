@@ -1,4 +1,5 @@
-"""Fitting a `TwinStack` on a Dask cluster, for data one machine should not train alone.
+"""Fitting a `TwinStack` on a Dask cluster, for data one machine should not train alone;
+and running many independent tasks (one twin per host) in local processes or on Dask.
 
 The frame is cut into partitions of whole runs (a run never spans two partitions, so lags
 and windows never need another partition's rows); each worker builds its partitions'
@@ -18,9 +19,12 @@ one machine's.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import Any
 
@@ -62,7 +66,7 @@ def connect(address: str) -> Iterator[Any]:
         return
     try:
         client = Client(address, timeout=10)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # unreachable; or not an address ('nope')
         raise CputwinError(f"cannot reach the Dask scheduler at {address!r} ({exc})") from None
     with client:
         yield client
@@ -202,3 +206,68 @@ class DaskRows:
     def release(self) -> None:
         self.client.cancel(self.built)
 
+
+
+# ---------------------------------------------------------------- many independent tasks
+Done = Callable[[str, int, int], None]  # (key just finished, how many done, how many in all)
+
+
+def run_each(task: Callable[..., Any], calls: dict[str, tuple], jobs: int = 1,
+             dask: str | None = None, done: Done | None = None) -> dict[str, Any]:
+    """Run `task(*args, threads=T)` once per key: one after another here (`jobs` 1), in
+    `jobs` local processes, or (`dask`) as one task each on a cluster's workers.
+
+    Each call is independent, so one that raises never stops the others: the result of a
+    key is what its task returned, or the exception it raised. Arguments should be small
+    (paths, options): each task reads its own data where it runs. T is how many threads a
+    task may use without oversubscribing its machine (the worker's threads on Dask).
+    """
+    if jobs < 1:
+        raise CputwinError(f"--jobs must be at least 1, got {jobs}")
+    report = done or (lambda _key, _n, _total: None)
+    if dask is not None:
+        return _run_on_dask(task, calls, dask, report)
+    if jobs == 1:
+        results = {}
+        for n, (key, args) in enumerate(calls.items(), start=1):
+            try:
+                results[key] = task(*args, threads=None)
+            except Exception as exc:  # one task's failure is its result
+                results[key] = exc
+            report(key, n, len(calls))
+        return results
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # spawn: a fresh interpreter per worker, never a fork of a process with OpenMP threads
+    with ProcessPoolExecutor(max_workers=min(jobs, max(len(calls), 1)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(task, *args, threads=threads): key for key, args in calls.items()}
+        return _collect(futures, as_completed, report)
+
+
+def _collect(futures: dict[Any, str], completed: Callable, report: Done) -> dict[str, Any]:
+    results = {}
+    for n, future in enumerate(completed(futures), start=1):
+        key = futures[future]
+        try:
+            results[key] = future.result()
+        except Exception as exc:  # raised in the task, or its worker died
+            results[key] = exc
+        report(key, n, len(futures))
+    return results
+
+
+def _run_on_dask(task: Callable[..., Any], calls: dict[str, tuple], address: str,
+                 report: Done) -> dict[str, Any]:
+    from distributed import as_completed as dask_completed
+
+    with connect(address) as client:
+        futures = {client.submit(_in_worker, task, *args, key=f"cputwin-{key}-{uuid.uuid4().hex}",
+                                 pure=False): key for key, args in calls.items()}
+        return _collect(futures, dask_completed, report)
+
+
+def _in_worker(task: Callable[..., Any], *args: Any) -> Any:
+    """On a Dask worker: the task with as many threads as the worker runs tasks on."""
+    from distributed import get_worker
+
+    return task(*args, threads=max(1, int(get_worker().state.nthreads)))
