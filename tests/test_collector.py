@@ -306,3 +306,17 @@ def test_collect_all_lists_every_run_whole_on_a_terminal(tmp_path):
     for run in runs:
         assert any(line.startswith(f"{run} (") and line.endswith(" s)") for line in lines), (
             run, lines)
+
+
+def test_two_watch_records_in_one_second_are_two_files(tmp_path):
+    from cputwin.live.stream import Tick
+    from cputwin.live.watch import Recorder
+    from cputwin.telemetry.collector import Sampler
+
+    sampler = Sampler()
+    first, second = Recorder(tmp_path, sampler), Recorder(tmp_path, sampler)
+    tick = Tick(prediction=1.0, bases=None, residual=0.0, score=0.0)
+    for recorder in (first, second):
+        recorder.add(sampler.sample("idle"), tick)
+    paths = {first.close({"watch": True}), second.close({"watch": True})}
+    assert len(paths) == 2 and all(load_runs(p).height == 1 for p in paths)

@@ -12,7 +12,6 @@ import json
 import socket
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from cputwin.errors import DataError
 from cputwin.live.detector import Detector
 from cputwin.live.stream import OnlineTwin, Tick
 from cputwin.models import TwinStack
-from cputwin.telemetry.collector import PartWriter, RowSampler, Sampler, merge_parts, ticks
+from cputwin.telemetry.collector import PartWriter, RowSampler, Sampler, merge_parts, reserve_run, ticks
 from cputwin.telemetry.schema import OVERALL, TIMESTAMP, WORKLOAD, WORKLOAD_CPU
 
 RECORD_FIELDS = ("prediction", "residual", "score", "alarm")
@@ -34,9 +33,7 @@ class Recorder:
     """Telemetry plus the twin's verdict per tick, as crash-safe parquet parts."""
 
     def __init__(self, folder: Path, sampler: Sampler) -> None:
-        self.stem = f"watch_{datetime.now().strftime('%Y%m%d_%H%M%S')}"
-        self.parts = folder / f"{self.stem}.parts"
-        self.parts.mkdir(parents=True, exist_ok=False)
+        self.parts, self.final = reserve_run(folder, "watch")  # a name no other run has
         base = [pa.field(c, pa.float64()) for c in sampler.schema.column_order()[:-1]]
         extra = [pa.field(f, pa.bool_() if f == "alarm" else pa.float64()) for f in RECORD_FIELDS]
         self.writer = PartWriter(self.parts, pa.schema([*base, pa.field(WORKLOAD, pa.string()),
@@ -48,9 +45,8 @@ class Recorder:
 
     def close(self, meta: dict[str, Any]) -> Path:
         self.writer.flush()
-        final = self.parts.parent / f"{self.stem}.parquet"
-        merge_parts(self.parts, final, meta)
-        return final
+        merge_parts(self.parts, self.final, meta)
+        return self.final
 
 
 def watch(
