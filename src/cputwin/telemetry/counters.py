@@ -36,10 +36,10 @@ def interval_utilisation(prev: Counters, cur: Counters) -> tuple[float, list[flo
         modes = [m for m in MODES if m in before and m in after]
         if "idle" not in modes:
             raise CounterBreak(f"core {core} has no idle counter")
-        deltas = np.array([after[m] - before[m] for m in modes])
-        if (deltas < 0).any():
+        deltas = [after[m] - before[m] for m in modes]  # a few numbers: plain floats
+        if min(deltas) < 0:
             raise CounterBreak(f"a counter of core {core} went backwards (reset)")
-        total, idle = float(deltas.sum()), after["idle"] - before["idle"]
+        total, idle = sum(deltas), after["idle"] - before["idle"]
         if total <= 0:
             raise CounterBreak(f"no CPU time passed on core {core}")
         cores.append(_percent(idle, total))
