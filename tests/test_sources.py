@@ -501,3 +501,9 @@ def test_a_csv_host_column_names_the_host_for_per_host_grouping(tmp_path):
             tmp_path / f"{name}.csv")
     assert [host_of(tmp_path / f"{n}.csv") for n in "ab"] == ["web1", "web2"]
     assert sorted(load_runs(tmp_path)["host"].unique().to_list()) == ["web1", "web2"]
+
+
+def test_collect_from_starts_no_workload(tmp_path):
+    one_line_error(cli("collect", "--from", "http://127.0.0.1:9/metrics", "--workload", "idle",
+                       "--out", str(tmp_path / "o")), "with --from nothing is started")
+    assert not (tmp_path / "o").exists()

@@ -427,7 +427,9 @@ KEPT_AS_PARTS = " (the samples written so far stay in <run>.parts: `cputwin reco
 
 @app.command()
 def collect(
-    workload: Annotated[str, typer.Option(help="A built-in workload, or 'all'.")] = "all",
+    workload: Annotated[str | None, typer.Option(
+        help="A built-in workload, or 'all' (the default without --from).",
+        show_default=False)] = None,
     seconds: Annotated[float, typer.Option(help="Seconds per workload.")] = 30.0,
     rate: Annotated[float | None, typer.Option(
         help="Samples per second (default 10; with --from, 1).", show_default=False)] = None,
@@ -445,7 +447,10 @@ def collect(
     with cli_errors(out_dir, KEPT_AS_PARTS):
         positive("--seconds", seconds)
         positive("--rate", rate, 100.0)
-        names = expand_workloads(workload) if source is None else []
+        if source is not None and workload is not None:
+            raise CputwinError("--workload starts a workload on this machine; with --from "
+                               "nothing is started (name what the host ran with --label)")
+        names = expand_workloads(workload or "all") if source is None else []
         check_folder(out_dir)  # after the arguments: a typo creates no folder
         if source is not None:
             results = [record_remote(source, seconds, rate or 1.0, out_dir, label)]
