@@ -1,23 +1,33 @@
-"""End to end: can the twin catch a hidden process on its core?
+"""Can the twin catch a hidden process on any core, on every fresh recording, and better
+than other detectors?
 
-    python bench/anomaly.py [--seconds 30] [--injections 2] [--train-seconds S]
-                            [--normal-seconds S] [--target-core 0] [--keep DIR] [--json]
+    python bench/anomaly.py [--repeats 1] [--train-seconds 30] [--normal-seconds 22]
+                            [--seconds 36] [--target-core 0] [--seed 0] [--bases B]
+                            [--keep DIR | --score DIR] [--json]
 
-1. Records one normal run per built-in workload with the collector (training data), and
-   a second set (held-out normal runs, for false alarms).
-2. Trains an independent-mode twin and a sensor-mode twin on the first set, both with the
-   `detect_wcpu` preset (bases that learn from every core's rows and read the workload's
-   own CPU use; `detect`, without it, for recordings made before the collector measured
-   it, or with --bases); each calibrates its detector on out-of-fold residuals (1 false
-   alarm per hour).
-3. Records one more run per workload while, at random moments unknown to the detector, a
-   busy-loop process pinned to the target core (os.sched_setaffinity) runs for 2–10 s;
-   injections are at least GAP_S apart and end inside their run, so each is its own event.
-4. Replays every held-out and injected run through each twin's stream, tick by tick.
+Each of `--repeats` recordings is fresh, with its own seed (seed, seed + 1, …):
+1. training runs, one per built-in workload (`--train-seconds` each);
+2. held-out normal runs, one per workload (`--normal-seconds` each): false alarms;
+3. injected runs, one per workload (`--seconds` each), in which hidden loads start at
+   random moments unknown to the detectors, at least GAP_S apart and inside their run:
+       full      a busy loop pinned to the target core, 2–10 s
+       half      a loop pinned to the target core, busy 50 % of each 50 ms period, 2–10 s
+       quarter   the same at 25 %, 2–10 s
+       short     a full busy loop on the target core, 1–2 s
+       any_core  a full busy loop, 2–10 s, pinned to a randomly chosen core
+   The kinds take turns in a shuffled order, so each recording has about as many of each.
 
-Reports, per mode: recall over the injected intervals (an alarm raised between the start
-and 2 s after the end), median and p95 detection delay, and false alarms per hour on
-the held-out normal runs. Takes 6 × (train + normal + injected seconds) of recording.
+Detectors, all scored on the same recordings and calibrated on the same training runs to
+the same false-alarm rate (1 an hour) with the same hysteresis (bench/anomaly_scoring.py):
+cputwin (a twin of every core, independent mode, the `detect_wcpu` preset where the
+recording has the workload's CPU use, each core's detector as `cputwin train` calibrates
+it), static, netdata_kmeans, halfspacetrees, pca.
+
+Reports per kind and detector: recall at the calibrated threshold (an alarm on the
+injected core between the start and 2 s after the end), median and p95 delay, event-wise
+PR-AUC; false alarms per core-hour on the held-out normal runs. With --repeats N, each
+recording and the minimum and mean recall across them. `--keep DIR` keeps the
+recordings; `--score DIR` scores kept recordings again without recording.
 """
 
 from __future__ import annotations
@@ -26,118 +36,205 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import platform
 import random
 import sys
 import tempfile
 import threading
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import psutil
 
+from anomaly_scoring import (
+    DETECTORS,
+    KINDS,
+    Alarm,
+    Calibrated,
+    Event,
+    Run,
+    Scored,
+    baselines,
+    detections,
+    event_pr_auc,
+    false_alarms,
+    recall_and_delays,
+)
+from cputwin.cli import _finite as finite
+from cputwin.errors import CputwinError
 from cputwin.features.engine import workload_cpu_column
 from cputwin.live.detector import calibrate
 from cputwin.live.stream import OnlineTwin
-from cputwin.models import TwinStack
+from cputwin.pipeline import make_stack
 from cputwin.telemetry.collector import Collector
 from cputwin.telemetry.ingest import load_runs
-from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, TIMESTAMP, WORKLOAD, WORKLOAD_CPU
+from cputwin.telemetry.schema import (
+    OVERALL,
+    RUN_COLUMN,
+    TIMESTAMP,
+    WORKLOAD,
+    WORKLOAD_CPU,
+    core_columns_in,
+)
 from cputwin.telemetry.workloads import WORKLOADS
 
-GRACE_S = 2.0  # an alarm up to this long after an injection ends still counts for it
-WARMUP_S = 3.0  # the collector's start and the features' history
+WARMUP_S = 4.0  # the collector's start and the twin's feature history (3 s), then 1 s of scores
 GAP_S = 5.0  # normal operation between injections: the alarm clears, the lags refill
 END_S = 1.5
+PERIOD_S = 0.05  # the partial-duty loops' period
+# kind: (share of each period busy, shortest and longest length in s, on the target core?)
+KIND_SPECS = {
+    "full": (1.0, 2.0, 10.0, True),
+    "half": (0.5, 2.0, 10.0, True),
+    "quarter": (0.25, 2.0, 10.0, True),
+    "short": (1.0, 1.0, 2.0, True),
+    "any_core": (1.0, 2.0, 10.0, False),
+}
+LONGEST_S = max(spec[2] for spec in KIND_SPECS.values())
 
 
-def busy(core: int, seconds: float) -> None:
+# ------------------------------------------------------------------ hidden loads
+
+
+def hidden_load(core: int, seconds: float, duty: float = 1.0, period: float = PERIOD_S) -> None:
+    """Pinned to `core`: spin for `seconds`, or, with duty < 1, use `duty` × `period` of CPU
+    time in each period and sleep the rest. Counted in CPU time, not wall time, so the load
+    asks the core for the same share when other processes compete for it."""
     os.sched_setaffinity(0, {core})
     end = time.monotonic() + seconds
     x = 0
-    while time.monotonic() < end:
-        x = (x * 31 + 7) % 1_000_003
+    if duty >= 1.0:
+        while time.monotonic() < end:
+            x = (x * 31 + 7) % 1_000_003
+        return
+    due = time.monotonic()
+    while due < end:
+        spent = time.process_time() + duty * period
+        while time.process_time() < spent and time.monotonic() < end:
+            x = (x * 31 + 7) % 1_000_003
+        due += period
+        time.sleep(max(0.0, min(due, end) - time.monotonic()))
 
 
-def schedule(count: int, seconds: float, rng: random.Random) -> list[tuple[float, float]]:
-    """`count` (start, length) pairs inside a run of `seconds`: lengths of 2–10 s, apart by
-    at least GAP_S of normal operation (so each is its own anomaly, not the tail of the last
-    one), the first after WARMUP_S, the last over END_S before the run stops."""
-    need = WARMUP_S + END_S + 10.0 * count + GAP_S * (count - 1)
-    if seconds < need:
-        raise ValueError(f"{count} injections of up to 10 s need runs of {need:.1f} s or more; "
-                         "raise --seconds or lower --injections")
-    lengths = [rng.uniform(2.0, 10.0) for _ in range(count)]
-    slack = seconds - WARMUP_S - END_S - sum(lengths) - GAP_S * (count - 1)
-    cuts = sorted(rng.uniform(0, slack) for _ in range(count))
-    out, at = [], WARMUP_S
-    for cut, before, length in zip(cuts, [0.0, *cuts[:-1]], lengths, strict=True):
+class KindQueue:
+    """Kinds in turn, in a fresh shuffled order each round (balanced counts per recording)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng, self.pending = rng, []
+
+    def peek(self) -> str:
+        if not self.pending:
+            self.pending = self.rng.sample(list(KINDS), len(KINDS))
+        return self.pending[0]
+
+    def take(self) -> str:
+        return self.pending.pop(0)
+
+
+def plan_run(seconds: float, kinds: KindQueue, target: int, n_cores: int,
+             rng: random.Random) -> list[dict]:
+    """Hidden loads for one injected run: as many as fit (each after WARMUP_S, GAP_S apart,
+    ending over END_S before the run stops), spread over the run with random slack."""
+    if seconds < WARMUP_S + END_S + LONGEST_S:
+        raise ValueError(f"injected runs need {WARMUP_S + END_S + LONGEST_S:.1f} s or more "
+                         f"(--seconds {seconds:g})")
+    chosen: list[dict] = []
+    used = WARMUP_S + END_S
+    while True:
+        kind = kinds.peek()
+        duty, shortest, longest, on_target = KIND_SPECS[kind]
+        length = rng.uniform(shortest, longest)
+        core = target if on_target else rng.randrange(n_cores)
+        need = length + (GAP_S if chosen else 0.0)
+        if used + need > seconds:
+            break
+        kinds.take()
+        chosen.append({"kind": kind, "core": core, "duty": duty, "length": length})
+        used += need
+    cuts = sorted(rng.uniform(0, seconds - used) for _ in chosen)
+    at, before = WARMUP_S, 0.0
+    for item, cut in zip(chosen, cuts, strict=True):
         at += cut - before
-        out.append((at, length))
-        at += length + GAP_S
-    return out
+        before = cut
+        item["offset"] = at
+        at += item["length"] + GAP_S
+    return chosen
 
 
-def injector(stop: threading.Event, plan: list[tuple[float, float]], core: int,
-             intervals: list[tuple[float, float]]) -> None:
-    """Run the pinned busy loops of `plan` (offsets from now); log their wall times."""
+def injector(stop: threading.Event, plan: list[dict], events: list[Event]) -> None:
+    """Run `plan`'s hidden loads (offsets from now), each in its own process; log them."""
     t0 = time.time()
-    for start, length in plan:
-        if stop.wait(max(0.0, t0 + start - time.time())):
+    for item in plan:
+        if stop.wait(max(0.0, t0 + item["offset"] - time.time())):
             return
-        proc = mp.get_context("fork").Process(target=busy, args=(core, length))
+        proc = mp.get_context("fork").Process(
+            target=hidden_load, args=(item["core"], item["length"], item["duty"]))
         begin = time.time()
         proc.start()
         proc.join()
-        intervals.append((begin, time.time()))
+        events.append(Event(item["kind"], item["core"], begin, time.time()))
 
 
-def record_set(folder: Path, seconds: float, inject: int = 0, core: int = 0,
-               rng: random.Random | None = None) -> list[tuple[float, float]]:
-    """One run per workload; with `inject`, hidden busy loops at random moments."""
-    intervals: list[tuple[float, float]] = []
+# ------------------------------------------------------------------ recording
+
+
+def record_set(folder: Path, seconds: float, plans: list[list[dict]] | None = None) -> list[Event]:
+    """One run per workload; with `plans` (one per workload), its hidden loads."""
+    events: list[Event] = []
     collector = Collector()
-    for name in WORKLOADS:
+    for i, name in enumerate(WORKLOADS):
         stop = threading.Event()
-        if inject:
-            plan = schedule(inject, seconds, rng)
-            threading.Thread(target=injector, args=(stop, plan, core, intervals),
-                             daemon=True).start()
+        thread = None
+        if plans is not None:
+            thread = threading.Thread(target=injector, args=(stop, plans[i], events), daemon=True)
+            thread.start()
         collector.record(name, seconds, folder)
         stop.set()
-    return intervals
+        if thread is not None:
+            thread.join()
+    return events
 
 
-def replay_alarms(stack: TwinStack, detector, frame: pl.DataFrame) -> list[float]:
-    """Timestamps of every alarm raise, each run on its own stream."""
-    twin = OnlineTwin(stack, detector=detector)
-    cores = frame.select(twin.schema.core_columns).to_numpy()
-    overall, workloads = frame[OVERALL].to_numpy(), frame[WORKLOAD].to_list()
-    own = (workload_cpu_column(frame, "this twin").to_numpy() if twin.reads_workload_cpu
-           else np.full(frame.height, np.nan))  # as `stream.replay` feeds it
-    stamps, runs = frame[TIMESTAMP].to_numpy(), frame[RUN_COLUMN].to_list()
-    raises, stream, current = [], None, None
-    for i in range(frame.height):
-        if runs[i] != current:
-            stream, current = twin.stream(), runs[i]
-        if stream.update(cores[i], overall[i], workloads[i], own[i]).event == "raise":
-            raises.append(float(stamps[i]))
-    return raises
+def record(root: Path, seed: int, settings: dict, say) -> None:
+    """One fresh recording in `root`: train/, normal/, inject/, events.json, recording.json."""
+    if (root / "events.json").exists():
+        raise ValueError(f"{root}: holds a recording already; score it with --score")
+    rng = random.Random(seed)
+    n_cores = psutil.cpu_count(logical=True) or 1
+    if settings["target_core"] >= n_cores:
+        raise ValueError(f"--target-core {settings['target_core']}: this machine has {n_cores} cores")
+    kinds = KindQueue(rng)
+    plans = [plan_run(settings["seconds"], kinds, settings["target_core"], n_cores, rng)
+             for _ in WORKLOADS]
+    say(f"recording {root.name}: training runs")
+    record_set(root / "train", settings["train_seconds"])
+    say(f"recording {root.name}: held-out normal runs")
+    record_set(root / "normal", settings["normal_seconds"])
+    say(f"recording {root.name}: injected runs ({sum(map(len, plans))} hidden loads)")
+    events = record_set(root / "inject", settings["seconds"], plans)
+    (root / "events.json").write_text(json.dumps([asdict(e) for e in events], indent=1))
+    (root / "recording.json").write_text(json.dumps(
+        {"seed": seed, **settings, "instrument": instrument()}, indent=1))
 
 
-def score(raises: list[float], intervals: list[tuple[float, float]]) -> dict[str, float]:
-    delays = []
-    for start, end in intervals:
-        hit = [t - start for t in raises if start <= t <= end + GRACE_S]
-        if hit:
-            delays.append(min(hit))
-    return {
-        "intervals": len(intervals),
-        "recall": len(delays) / len(intervals) if intervals else float("nan"),
-        "median_delay_s": float(np.median(delays)) if delays else float("nan"),
-        "p95_delay_s": float(np.percentile(delays, 95)) if delays else float("nan"),
-    }
+def instrument() -> dict:
+    """This machine: core count and CPU model (what the figures were measured on)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"logical_cores": psutil.cpu_count(logical=True), "cpu_model": model}
+
+
+# ------------------------------------------------------------------ the detectors
 
 
 def default_bases(train: pl.DataFrame) -> str:
@@ -146,70 +243,246 @@ def default_bases(train: pl.DataFrame) -> str:
     return "detect_wcpu" if measured else "detect"
 
 
-def run(seconds: float, injections: int, core: int, seed: int, keep: Path | None = None,
-        train_seconds: float | None = None, normal_seconds: float | None = None,
-        bases: str | None = None) -> dict:
-    rng = random.Random(seed)
-    schedule(injections, seconds, random.Random(seed))  # a plan that cannot fit fails now
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        root = keep or Path(tmp)
-        train_dir, normal_dir, inject_dir = (root / d for d in ("train", "normal", "inject"))
-        if (root / "intervals.json").exists():  # a kept recording: score it again
-            intervals = [tuple(i) for i in json.loads((root / "intervals.json").read_text())]
-        else:
-            record_set(train_dir, train_seconds or seconds)
-            record_set(normal_dir, normal_seconds or seconds)
-            intervals = record_set(inject_dir, seconds, injections, core, rng)
-            (root / "intervals.json").write_text(json.dumps(intervals))
-        train, normal, injected = (load_runs(d) for d in (train_dir, normal_dir, inject_dir))
-        target = f"cpu_util_core_{core}"
-        hours = normal.height / 10 / 3600
-        bases = bases or default_bases(train)
-        out: dict = {"seconds_per_run": seconds, "target": target, "bases": bases,
-                     "normal_hours": hours, "injected_intervals": len(intervals)}
-        for mode in ("independent", "sensor"):
-            stack = TwinStack(bases=bases, target=target, mode=mode,
-                              meta_model="auto").fit(train)
-            detector = calibrate(stack, train)
-            false_alarms = len(replay_alarms(stack, detector, normal))
-            result = score(replay_alarms(stack, detector, injected), intervals)
-            result["false_alarms_per_hour"] = false_alarms / hours
-            result["false_alarms"] = false_alarms
-            out[mode] = result
+def fit_machine_twin(train: pl.DataFrame, bases: str, per_core: bool = False) -> list[OnlineTwin]:
+    """cputwin watching every core, each core's detector as `cputwin train` calibrates it:
+    one machine twin (`cputwin train --target all`), or with `per_core` one twin per core
+    (to compare). Either way the ticks name their cores (`Tick.cores`)."""
+    targets = core_columns_in(train.columns) if per_core else ["all"]
+    twins = []
+    for target in targets:
+        stack = make_stack(target, bases=bases, mode="independent").fit(train)
+        twins.append(OnlineTwin(stack, detector=calibrate(stack, train)))
+    return twins
+
+
+def relative(score: float | None, threshold: float) -> float:
+    """A score over its threshold (1 = the threshold; order kept for any threshold)."""
+    if score is None:
+        return float("nan")
+    return score / threshold if threshold > 0 else score - threshold + 1.0
+
+
+def cputwin_scored(twins: list[OnlineTwin], run: pl.DataFrame) -> Scored:
+    """Stream one run through every twin, tick by tick, as `cputwin watch` would."""
+    columns = core_columns_in(run.columns)
+    cores = run.select(columns).to_numpy()
+    overall, workloads = run[OVERALL].to_numpy(), run[WORKLOAD].to_list()
+    rel = np.full(cores.shape, np.nan)
+    for twin in twins:
+        own = (workload_cpu_column(run, "this twin").to_numpy() if twin.reads_workload_cpu
+               else np.full(run.height, np.nan))
+        stream = twin.stream()
+        thresholds = {t: d.threshold for t, d in twin.detectors.items()}
+        for i in range(run.height):
+            for core in stream.update(cores[i], overall[i], workloads[i], own[i]).cores:
+                rel[i, columns.index(core.target)] = relative(core.score, thresholds[core.target])
+    return Scored(run[TIMESTAMP].to_numpy(), rel)
+
+
+def as_run(run: pl.DataFrame) -> Run:
+    return Run(str(run[RUN_COLUMN][0]), str(run[WORKLOAD][0]), run[TIMESTAMP].to_numpy(),
+               run.select(core_columns_in(run.columns)).to_numpy().astype(float))
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def load_recording(root: Path) -> tuple[dict[str, pl.DataFrame], list[Event], dict]:
+    frames = {part: load_runs(root / part) for part in ("train", "normal", "inject")}
+    events = [Event(**e) for e in json.loads((root / "events.json").read_text())]
+    meta = json.loads((root / "recording.json").read_text())
+    return frames, events, meta
+
+
+def score_recording(root: Path, bases: str | None, per_core: bool, say) -> dict:
+    """Every detector on one recording: per kind recall, delays, PR-AUC; false alarms."""
+    frames, events, meta = load_recording(root)
+    train = frames["train"]
+    normal, inject = (frames[p].partition_by(RUN_COLUMN, maintain_order=True)
+                      for p in ("normal", "inject"))
+    step = float(np.median(np.diff(frames["normal"][TIMESTAMP].to_numpy())))
+    hours = frames["normal"].height * step / 3600
+    n_cores = len(core_columns_in(train.columns))
+    bases = bases or default_bases(train)
+    scored: dict[str, tuple[list[Scored], list[Scored]]] = {}
+    started = time.monotonic()
+    twins = fit_machine_twin(train, bases, per_core)
+    detectors = {t: d for twin in twins for t, d in twin.detectors.items()}
+    alarm = Alarm.of(next(iter(detectors.values())))  # the same for every detector
+    scored["cputwin"] = ([cputwin_scored(twins, r) for r in normal],
+                         [cputwin_scored(twins, r) for r in inject])
+    thresholds: dict[str, object] = {"cputwin": {t: d.threshold for t, d in detectors.items()}}
+    power = {t: d.power for t, d in detectors.items()}
+    say(f"scoring {root.name}: cputwin {time.monotonic() - started:.0f} s")
+    train_runs = [as_run(r) for r in train.partition_by(RUN_COLUMN, maintain_order=True)]
+    for baseline in baselines(meta.get("seed", 0)):
+        started = time.monotonic()
+        model = Calibrated(baseline, alarm, rate_hz=1.0 / step).fit(train_runs)
+        scored[baseline.name] = ([model.score(as_run(r)) for r in normal],
+                                 [model.score(as_run(r)) for r in inject])
+        thresholds[baseline.name] = {f"{c}/{g}": t for (c, g), t in model.thresholds_.items()}
+        say(f"scoring {root.name}: {baseline.name} {time.monotonic() - started:.0f} s")
+    out: dict = {"recording": str(root), "seed": meta.get("seed"), "bases": bases,
+                 "instrument": meta.get("instrument"),
+                 "settings": {k: meta.get(k) for k in ("train_seconds", "normal_seconds",
+                                                       "seconds", "target_core")},
+                 "normal_hours": hours, "cores": n_cores,
+                 "events": {k: sum(e.kind == k for e in events) for k in KINDS},
+                 "kinds": {k: {} for k in KINDS}, "false_alarms": {}, "thresholds": thresholds,
+                 "cputwin_power": power, "cputwin": "per-core twins" if per_core else "machine twin"}
+    for name in DETECTORS:
+        on_normal, on_inject = scored[name]
+        delays = detections(on_inject, events, alarm)
+        for kind in KINDS:
+            mine = [d for d, e in zip(delays, events, strict=True) if e.kind == kind]
+            kind_events = [e for e in events if e.kind == kind]
+            out["kinds"][kind][name] = {
+                **recall_and_delays(mine), "delays_s": mine,
+                "pr_auc": event_pr_auc(on_normal + on_inject, events, kind_events, alarm)}
+        out["false_alarms"][name] = false_alarms(on_normal, alarm)
     return out
+
+
+def _stat(values: list, fn) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(fn(values)) if values else None
+
+
+def summarise(results: list[dict]) -> dict:
+    """Across recordings: recall min and mean, delays pooled, PR-AUC mean, false alarms."""
+    kinds: dict = {}
+    for kind in KINDS:
+        kinds[kind] = {}
+        for name in DETECTORS:
+            per = [r["kinds"][kind][name] for r in results]
+            delays = [d for p in per for d in p["delays_s"] if d is not None]
+            kinds[kind][name] = {
+                "recall_min": _stat([p["recall"] for p in per], min),
+                "recall_mean": _stat([p["recall"] for p in per], np.mean),
+                "median_delay_s": float(np.median(delays)) if delays else None,
+                "p95_delay_s": float(np.percentile(delays, 95)) if delays else None,
+                "pr_auc": _stat([p["pr_auc"] for p in per], np.mean),
+                "events": sum(p["events"] for p in per)}
+    core_hours = sum(r["normal_hours"] * r["cores"] for r in results)
+    return {"recordings": len(results),
+            "normal_hours": sum(r["normal_hours"] for r in results),
+            "kinds": kinds,
+            "false_alarms_per_hour": {d: sum(r["false_alarms"][d] for r in results) / core_hours
+                                      for d in DETECTORS},
+            "per_recording": results,
+            # where the recordings were made (a re-scored recording keeps its machine)
+            "instrument": results[0]["instrument"], "settings": results[0]["settings"]}
+
+
+# ------------------------------------------------------------------ output
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def beaten(summary: dict) -> list[str]:
+    """Where a baseline's mean recall is above cputwin's."""
+    lines = []
+    for kind in KINDS:
+        mine = summary["kinds"][kind]["cputwin"]["recall_mean"]
+        for name in DETECTORS[1:]:
+            theirs = summary["kinds"][kind][name]["recall_mean"]
+            if theirs is not None and (mine is None or theirs > mine):
+                lines.append(f"{name} beats cputwin on {kind}: recall {theirs:.2f} vs "
+                             f"{_fmt(mine)}")
+    return lines
+
+
+def table(summary: dict) -> str:
+    width = 16
+    head = f"{'detector':<16}" + "".join(f"{k:>{width}}" for k in KINDS) + f"{'false/h':>9}"
+    out = [f"{summary['recordings']} recording(s), {summary['normal_hours'] * 60:.1f} min of "
+           "held-out normal time; instrument: "
+           f"{summary['instrument']['logical_cores']} cores, {summary['instrument']['cpu_model']}",
+           "", "recall mean (min) | median delay s | PR-AUC", head]
+    for name in DETECTORS:
+        row = [f"{name:<16}"]
+        for kind in KINDS:
+            c = summary["kinds"][kind][name]
+            row.append(f"{_fmt(c['recall_mean'])} ({_fmt(c['recall_min'])})".rjust(width))
+        row.append(f"{summary['false_alarms_per_hour'][name]:>9.2f}")
+        out.append("".join(row))
+        out.append(f"{'':<16}" + "".join(
+            f"{_fmt(summary['kinds'][k][name]['median_delay_s'])} | "
+            f"{_fmt(summary['kinds'][k][name]['pr_auc'])}".rjust(width) for k in KINDS))
+    events = {k: summary["kinds"][k]["cputwin"]["events"] for k in KINDS}
+    out.append("events: " + ", ".join(f"{k} {n}" for k, n in events.items()))
+    out.append("per recording, cputwin recall: " + "; ".join(
+        f"seed {r['seed']}: " + " ".join(f"{k} {_fmt(r['kinds'][k]['cputwin']['recall'])}"
+                                          for k in KINDS) for r in summary["per_recording"]))
+    wins = beaten(summary)
+    out.append("\n".join(wins) if wins else "no baseline's recall is above cputwin's on any kind")
+    return "\n".join(out)
+
+
+def recordings_in(folder: Path) -> list[Path]:
+    if (folder / "events.json").exists():
+        return [folder]
+    found = sorted(p for p in folder.glob("recording_*") if (p / "events.json").exists())
+    if not found:
+        raise ValueError(f"{folder}: no recordings (recording_*/events.json) to score")
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0, help="per injected run")
-    parser.add_argument("--train-seconds", type=float, help="per training run (default: --seconds)")
-    parser.add_argument("--normal-seconds", type=float,
-                        help="per held-out normal run (default: --seconds)")
-    parser.add_argument("--injections", type=int, default=2, help="per injected run")
+    parser.add_argument("--repeats", type=int, default=1, help="fresh recordings (seeds seed…)")
+    parser.add_argument("--train-seconds", type=float, default=30.0, help="per training run")
+    parser.add_argument("--normal-seconds", type=float, default=22.0,
+                        help="per held-out normal run")
+    parser.add_argument("--seconds", type=float, default=36.0, help="per injected run")
     parser.add_argument("--target-core", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", type=Path, help="keep the recordings here (and reuse them)")
     parser.add_argument("--bases", choices=("detect", "detect_wcpu"),
-                        help="the twins' preset (default: detect_wcpu where the recording has "
+                        help="cputwin's preset (default: detect_wcpu where the recording has "
                              "the workload's CPU use, else detect)")
+    parser.add_argument("--per-core-twins", action="store_true",
+                        help="cputwin as one twin per core instead of one machine twin")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--keep", type=Path, help="keep the recordings in this folder")
+    where.add_argument("--score", type=Path, help="score the recordings kept in this folder "
+                                                  "again, without recording")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    settings = {"train_seconds": args.train_seconds, "normal_seconds": args.normal_seconds,
+                "seconds": args.seconds, "target_core": args.target_core}
+    machine = instrument()
+    say(f"instrument: {machine['logical_cores']} logical cores, {machine['cpu_model']}")
+    warnings.simplefilter("ignore")
     try:
-        r = run(args.seconds, args.injections, args.target_core, args.seed, args.keep,
-                args.train_seconds, args.normal_seconds, args.bases)
-    except ValueError as exc:
-        parser.error(str(exc))
+        with tempfile.TemporaryDirectory(prefix="cputwin-anomaly-") as tmp:
+            if args.score:
+                roots = recordings_in(args.score)
+            else:
+                per = len(WORKLOADS) * (args.train_seconds + args.normal_seconds + args.seconds)
+                say(f"recording {args.repeats} × {per / 60:.1f} min = "
+                    f"{args.repeats * per / 60:.1f} min (keep the machine quiet), then scoring")
+                base = args.keep or Path(tmp)
+                roots = [base / f"recording_{args.seed + i}" for i in range(args.repeats)]
+                for i, root in enumerate(roots):
+                    record(root, args.seed + i, settings, say)
+            results = [score_recording(root, args.bases, args.per_core_twins, say)
+                       for root in roots]
+    except (ValueError, CputwinError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # one line, as every cputwin command
+        sys.exit(2)
+    summary = finite(summarise(results))  # JSON has no NaN or inf: null
     if args.json:
-        sys.stdout.write(json.dumps(r, indent=2) + "\n")
-        return
-    print(f"target {r['target']}, bases {r['bases']}, {r['injected_intervals']} injected intervals, "
-          f"{r['normal_hours'] * 60:.1f} min of held-out normal runs")
-    print(f"{'mode':<13}{'recall':>8}{'median s':>10}{'p95 s':>8}{'false/h':>9}")
-    for mode in ("independent", "sensor"):
-        m = r[mode]
-        print(f"{mode:<13}{m['recall']:>8.2f}{m['median_delay_s']:>10.2f}{m['p95_delay_s']:>8.2f}"
-              f"{m['false_alarms_per_hour']:>9.1f}")
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        print(table(summary))
 
 
 if __name__ == "__main__":
