@@ -109,6 +109,8 @@ def test_a_signed_twin_predicts_with_its_key_and_without_one(twins, tmp_path, sa
     (["predict", "{twin}", "{sample}", "-o", "/dev/full"], "not a regular file"),
     (["train", "{sample}", "-o", "{dir}"], "is a folder; give a file name"),
     (["evaluate", "{sample}", "--report", "/proc/x"], "/proc/x: cannot"),
+    (["evaluate", "{sample}", "--per-host", "--report", "/proc/x"], "/proc/x: cannot"),
+    (["train", "{sample}", "--per-host", "-o", "/proc/x"], "/proc/x: cannot"),
     (["collect", "--workload", "idle", "--seconds", "1", "--out", "/proc/x"], "/proc/x: cannot"),
     (["watch", "{twin}", "--seconds", "1", "--record", "/proc/x"], "/proc/x: cannot"),
     (["watch", "{twin}", "--seconds", "1", "--events", "/proc/x/e"], "/proc/x/e: cannot"),

@@ -132,6 +132,8 @@ def evaluate(
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if report_dir is not None:
+        check_folder(report_dir)  # before the fit, not after it
     if per_host:
         if test_data is not None:
             raise DataError("--per-host and --test exclude each other: --test scores one twin")
@@ -140,8 +142,6 @@ def evaluate(
                               dask=dask, **stack_options, **_column_option(columns)), []
     if jobs != 1:
         raise DataError("--jobs runs hosts side by side: it needs --per-host")
-    if report_dir is not None:
-        check_folder(report_dir)  # before the fit, not after it
     frame = load_runs(data, columns)
     test_frame = load_runs(test_data, columns) if test_data is not None else None
     targets = targets_of(frame, target)
