@@ -39,6 +39,8 @@ from cputwin.telemetry.schema import (
 MEASUREMENT = "cpu"
 TOTAL = "cpu-total"
 _CORE_TAG = re.compile(r"^cpu(\d+)$")
+_ESCAPED = re.compile(r"\\(.)")
+_INTEGER = re.compile(r"-?\d+[iu]")
 Fields = dict[str, float | int | str | bool]
 
 
@@ -78,6 +80,8 @@ def _sections(line: str) -> tuple[str, str, str]:
 def _split(text: str, sep: str, quotes: bool = False, max_pieces: int = 0) -> list[str]:
     """Split at unescaped `sep`, keeping escapes; with `quotes`, not inside a string value
     (a double quote right after `=` opens one, the next unescaped one closes it)."""
+    if "\\" not in text and not (quotes and '"' in text):  # the usual line: nothing escaped
+        return text.split(sep, max_pieces - 1 if max_pieces else -1)
     pieces, current, i, quoted = [], [], 0, False
     while i < len(text):
         ch = text[i]
@@ -100,7 +104,7 @@ def _split(text: str, sep: str, quotes: bool = False, max_pieces: int = 0) -> li
 
 
 def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text)
+    return _ESCAPED.sub(r"\1", text) if "\\" in text else text
 
 
 def _pair(text: str, what: str) -> tuple[str, str]:
@@ -117,7 +121,7 @@ def _field_value(text: str) -> float | int | str | bool:
         return True
     if text in ("f", "F", "false", "False", "FALSE"):
         return False
-    if re.fullmatch(r"-?\d+[iu]", text):
+    if text[-1:] in ("i", "u") and _INTEGER.fullmatch(text):
         return int(text[:-1])
     try:
         return float(text)
