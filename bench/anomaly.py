@@ -103,7 +103,8 @@ LONGEST_S = max(spec[2] for spec in KIND_SPECS.values())
 def hidden_load(core: int, seconds: float, duty: float = 1.0, period: float = PERIOD_S) -> None:
     """Pinned to `core`: spin for `seconds`, or, with duty < 1, use `duty` × `period` of CPU
     time in each period and sleep the rest. Counted in CPU time, not wall time, so the load
-    asks the core for the same share when other processes compete for it."""
+    asks the core for the same share when other processes compete for it (and never more:
+    a period the core was too busy to give stretches, it is not made up afterwards)."""
     os.sched_setaffinity(0, {core})
     end = time.monotonic() + seconds
     x = 0
@@ -116,7 +117,7 @@ def hidden_load(core: int, seconds: float, duty: float = 1.0, period: float = PE
         spent = time.process_time() + duty * period
         while time.process_time() < spent and time.monotonic() < end:
             x = (x * 31 + 7) % 1_000_003
-        due += period
+        due = max(due + period, time.monotonic())  # a late period is not made up later
         time.sleep(max(0.0, min(due, end) - time.monotonic()))
 
 

@@ -317,3 +317,20 @@ def test_score_of_a_folder_without_recordings_is_one_line_exit_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "no recordings" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_alarms_on_relative_scores_are_the_detectors_own():
+    """The bench raises cputwin's alarms from score / threshold: the same ticks as the
+    detector's own stream."""
+    from cputwin.live.detector import Detector
+
+    rng = np.random.default_rng(7)
+    residuals = rng.normal(0, 3, 3000)
+    residuals[500:530] += 25.0
+    residuals[1800:1806] += 40.0
+    detector = Detector(centre={"*": 0.0}, scale={"*": 3.0}, threshold=2.5)
+    state = detector.stream()
+    verdicts = [state.update(r, "w") for r in residuals]
+    own = [i for i, v in enumerate(verdicts) if v.event == "raise"]
+    rel = np.array([v.score for v in verdicts]) / detector.threshold
+    assert own and list(S.raises(rel, S.Alarm.of(detector))) == own
