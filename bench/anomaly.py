@@ -401,7 +401,8 @@ def table(summary: dict) -> str:
     out = [f"{summary['recordings']} recording(s), {summary['normal_hours'] * 60:.1f} min of "
            "held-out normal time; instrument: "
            f"{summary['instrument']['logical_cores']} cores, {summary['instrument']['cpu_model']}",
-           "", "recall mean (min) | median delay s | PR-AUC", head]
+           "", "recall mean (min) | median delay s | PR-AUC; false/h: false alarms per core-hour "
+           "on the held-out normal runs", head]
     for name in DETECTORS:
         row = [f"{name:<16}"]
         for kind in KINDS:
