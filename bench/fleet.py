@@ -113,15 +113,19 @@ def measure(mode: str, hosts: Path, out: Path, bases: str, max_rounds: int) -> d
     cmd = [sys.executable, "-m", "cputwin", "train", str(hosts / "*" / "*.parquet"),
            "--per-host", "-o", str(out), "--bases", bases, "--max-rounds", str(max_rounds),
            "--json", *MODES[mode]]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    watched = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _tree_rss(watched))
-        time.sleep(0.1)
-    seconds = time.perf_counter() - start
-    stdout, stderr = proc.communicate()
+    # output to files, not pipes: a fleet's warnings would fill a pipe nobody reads
+    with open(out.with_suffix(".out"), "w+") as fout, open(out.with_suffix(".err"), "w+") as ferr:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fout, stderr=ferr, text=True)
+        watched = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(watched))
+            time.sleep(0.1)
+        seconds = time.perf_counter() - start
+        fout.seek(0)
+        ferr.seek(0)
+        stdout, stderr = fout.read(), ferr.read()
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{mode}: cputwin train failed ({proc.returncode}): {stderr[-500:]}")
     result = json.loads(stdout)
