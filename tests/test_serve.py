@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -24,10 +30,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serving(twin, **limits):
-    """A real uvicorn server for `twin` on a free loopback port, and a client to it."""
+def serving(twin, app=None, **limits):
+    """A real uvicorn server for `twin` (or `app`) on a free loopback port, and a client."""
     port = _free_port()
-    config = uvicorn.Config(create_app(twin, **limits), host="127.0.0.1", port=port,
+    config = uvicorn.Config(app or create_app(twin, **limits), host="127.0.0.1", port=port,
                             log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -54,6 +60,13 @@ def server(seed_twin):
         yield client
 
 
+@pytest.fixture(scope="module")
+def roomy(seed_twin):
+    """A server whose stream cap the tests below do not reach."""
+    with serving(seed_twin, max_streams=1000, stream_ttl_s=60, max_body_bytes=50_000) as client:
+        yield client
+
+
 def _sample(t, core0=10.0, core1=20.0, overall=15.0, workload="idle"):
     return {"timestamp": t, "cpu_util_overall": overall, "cpu_util_core_0": core0,
             "cpu_util_core_1": core1, "workload_type": workload}
@@ -65,7 +78,8 @@ def test_health_and_openapi(server):
     spec = server.get("/openapi.json").json()
     assert "/v1/predict" in spec["paths"] and "/v1/streams/{stream_id}/samples" in spec["paths"]
     stream = spec["paths"]["/v1/streams/{stream_id}/samples"]["post"]
-    body = stream["requestBody"]["content"]["application/json"]["schema"]
+    ref = stream["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    body = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert "samples" in body["properties"] and "200" in stream["responses"]
 
 
@@ -122,7 +136,7 @@ def test_stream_cap_is_429_and_metrics_count(server):
     assert 429 in codes
     text = server.get("/metrics").text
     assert "cputwin_requests_total" in text and "cputwin_request_seconds_bucket" in text
-    assert "cputwin_streams 3" in text
+    assert "cputwin_streams 3.0" in text
     assert 'path="/v1/streams/{stream_id}/samples",status="429"' in text
 
 
@@ -148,7 +162,9 @@ def test_idle_streams_expire_and_free_their_place(seed_twin):
         time.sleep(1.2)  # a idle 2.4 s: expired; b idle 1.2 s: live
         assert post("c", 1.0) == 200
         assert post("b", 0.5) == 409  # b kept its state (its last timestamp)
-        assert "cputwin_streams 2" in client.get("/metrics").text
+        text = client.get("/metrics").text
+        assert "cputwin_streams 2.0" in text
+        assert 'stream="a"' not in text and 'stream="b"' in text  # a's series went with it
 
 
 def test_a_stream_carries_its_host_to_a_host_category_twin(tmp_path):
@@ -161,11 +177,14 @@ def test_a_stream_carries_its_host_to_a_host_category_twin(tmp_path):
         for i in range(2):
             run = synthetic_run(n=250, cores=2, seed=10 * h + i, t0=1e9 + 1e4 * i)
             if host == "beta":  # beta's core 0 runs 30 points hotter: only the host says so
-                run = run.with_columns(pl.col("cpu_util_core_0").mul(0.5).add(30))
+                run = run.with_columns(pl.col("cpu_util_core_0").mul(0.5).add(30)).with_columns(
+                    pl.mean_horizontal("cpu_util_core_0", "cpu_util_core_1")
+                    .alias("cpu_util_overall"))
             write_run(run, tmp_path / "fleet" / host, f"r{i}")
     files = sorted((tmp_path / "fleet").glob("*/*.parquet"))
     twin = tmp_path / "fleet.cputwin"
-    train(files, twin, bases=["physics_linear", "gbm_l2"], host_category=True, max_rounds=40)
+    train(files, twin, bases=["physics_linear", "gbm_l2"], host_category=True, max_rounds=40,
+          mode="independent")
     run = load_runs(files[0]).head(60)  # alpha's first run
     samples = [dict(zip(["timestamp", "cpu_util_overall", "cpu_util_core_0", "cpu_util_core_1",
                          "workload_type"], row, strict=True)) | {"host": "alpha"}
@@ -214,3 +233,297 @@ def test_a_twin_that_reads_the_workload_cpu_gets_it_from_each_sample(tmp_path):
     assert "missing 'workload_cpu_percent'" in missing.json()["detail"]
     assert too_much.status_code == 422 and "above 200" in too_much.json()["detail"]
     assert batch.status_code == 200, batch.text
+
+
+# --- hardening (issue 17) and Prometheus metrics (issue 16) ---------------------------------
+
+def _strict_json(text: str):
+    """JSON as the standard defines it: NaN and Infinity are not numbers there."""
+    def refuse(token: str):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_predict_answers_in_request_order(roomy):
+    rows = [_sample(1000 + i * 0.1, core0=i % 50, core1=(3 * i) % 60) for i in range(60)]
+    forward = roomy.post("/v1/predict", json={"rows": rows}).json()["predictions"]
+    backward = roomy.post("/v1/predict", json={"rows": rows[::-1]}).json()["predictions"]
+    assert backward == forward[::-1]
+    assert forward[0] is None and backward[-1] is None  # the first in time has no history
+
+
+def test_predict_with_a_repeated_timestamp_is_a_422(roomy):
+    rows = [_sample(1000 + i * 0.1) for i in range(30)] + [_sample(1000.5)]
+    r = roomy.post("/v1/predict", json={"rows": rows})
+    assert r.status_code == 422 and "same timestamp" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"samples": [{"timestamp": NaN, "cpu_util_overall": 1, "cpu_util_core_0": 1, '
+    b'"cpu_util_core_1": 1, "workload_type": "idle"}]}',
+    b'{"samples": [{"timestamp": 1e999, "cpu_util_overall": 1, "cpu_util_core_0": 1, '
+    b'"cpu_util_core_1": 1, "workload_type": "idle"}]}',
+    b'{"samples": [{"timestamp": Infinity, "cpu_util_overall": 1, "cpu_util_core_0": 1, '
+    b'"cpu_util_core_1": 1, "workload_type": "idle"}]}',
+    b'{"samples": [{"timestamp": 5, "cpu_util_overall": NaN, "cpu_util_core_0": 1, '
+    b'"cpu_util_core_1": 1, "workload_type": "idle"}]}',
+    b'{"samples": [{"timestamp": 5, "cpu_util_overall": 1, "cpu_util_core_0": Infinity, '
+    b'"cpu_util_core_1": 1, "workload_type": "idle"}]}',
+    b'{"samples": [{"timestamp": 5, "cpu_util_overall": 1, "cpu_util_core_0": 1, '
+    b'"cpu_util_core_1": 1, "workload_type": "idle", "workload_cpu_percent": NaN}]}',
+])
+@pytest.mark.parametrize("route", ["/v1/streams/nan/samples", "/v1/predict"])
+def test_non_finite_numbers_are_a_422_in_json_and_never_wedge_a_stream(roomy, raw, route):
+    body = raw.replace(b'"samples"', b'"rows"') if route == "/v1/predict" else raw
+    r = roomy.post(route, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    _strict_json(r.text)
+    if route.startswith("/v1/streams"):  # the stream still takes an ordinary sample
+        ok = roomy.post(route, json={"samples": [_sample(time.time())]})
+        assert ok.status_code == 200, ok.text
+        _strict_json(ok.text)
+
+
+@pytest.mark.parametrize("route", ["/v1/streams/utf/samples", "/v1/predict"])
+def test_a_body_that_is_not_utf8_is_a_4xx(roomy, route):
+    body = b'{"samples": [{"workload_type": "\xff\xfe"}]}'
+    r = roomy.post(route, content=body, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    _strict_json(r.text)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_the_posts_refuse_bodies_not_sent_as_json(roomy, content_type):
+    body = json.dumps({"samples": [_sample(1.0)]}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    for route in ("/v1/streams/ct/samples", "/v1/predict"):
+        client = roomy.build_request("POST", route, content=body, headers=headers)
+        if content_type is None:
+            client.headers.pop("content-type", None)
+        r = roomy.send(client)
+        assert r.status_code == 415, (route, r.text)
+
+
+def test_a_500_is_counted_in_the_metrics(seed_twin):
+    app = create_app(seed_twin)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("a handler that fails")
+
+    with serving(seed_twin, app=app) as client:
+        assert client.get("/boom").status_code == 500
+        text = httpx.get(f"{client.base_url}/metrics").text  # uvicorn closed that connection
+    assert 'cputwin_requests_total{path="/boom",status="500"} 1.0' in text
+
+
+def test_unseen_labels_come_back_as_warnings_in_the_response(roomy):
+    rows = [_sample(1000 + i * 0.1, workload="never\nseen") for i in range(30)]
+    body = roomy.post("/v1/predict", json={"rows": rows}).json()
+    assert any("never\\nseen" in w for w in body["warnings"]), body["warnings"]
+    quiet = roomy.post("/v1/predict", json={"rows": [_sample(1000 + i * 0.1) for i in range(30)]})
+    assert quiet.json()["warnings"] == []  # nothing carried over from the request before
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref":
+                yield v
+            else:
+                yield from _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _refs(v)
+
+
+def test_openapi_document_is_self_consistent(roomy):
+    doc = roomy.get("/openapi.json").json()
+    for ref in _refs(doc):
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.rsplit("/", 1)[1] in doc["components"]["schemas"], f"dangling {ref}"
+    stream = doc["paths"]["/v1/streams/{stream_id}/samples"]["post"]["responses"]
+    assert {"200", "409", "413", "415", "422", "429"} <= set(stream)
+    assert {"413", "415", "422"} <= set(doc["paths"]["/v1/predict"]["post"]["responses"])
+    sample = doc["components"]["schemas"]["Sample"]
+    assert {"cpu_util_core_0", "cpu_util_core_1"} <= set(sample["required"])
+    assert sample["properties"]["cpu_util_core_1"]["maximum"] == 100
+    for page in ("/docs", "/redoc"):  # they would load assets from a CDN: not served
+        assert roomy.get(page).status_code == 404
+
+
+def test_metrics_pass_promtool_or_the_prometheus_parser(roomy):
+    for i in range(25):
+        assert roomy.post("/v1/streams/prom/samples",
+                           json={"samples": [_sample(5000 + i * 0.1, core0=(7 * i) % 90)]}
+                           ).status_code == 200
+    text = roomy.get("/metrics").text
+    for family in ("cputwin_requests_total", "cputwin_request_seconds", "cputwin_streams",
+                   "cputwin_observed", "cputwin_prediction", "cputwin_residual", "cputwin_score",
+                   "cputwin_alarm", "cputwin_alarms_total"):
+        name = family.removesuffix("_total")
+        assert f"# HELP {name}" in text and f"# TYPE {name}" in text, family
+    assert 'cputwin_prediction{core="cpu_util_core_0",stream="prom"}' in text
+    assert 'cputwin_alarms_total{core="cpu_util_core_0",stream="prom"} 0.0' in text
+    _check_metrics_text(text)
+
+
+def _check_metrics_text(text: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool:
+        r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+    else:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        assert list(text_string_to_metric_families(text))
+
+
+def test_stream_results_list_every_watched_core(roomy):
+    results = []
+    for i in range(30):
+        r = roomy.post("/v1/streams/cores/samples", json={"samples": [_sample(9000 + i * 0.1)]})
+        results += r.json()["results"]
+    assert results[0]["cores"] == {}
+    last = results[-1]
+    assert set(last["cores"]) == set(roomy.get("/healthz").json()["targets"])
+    core = last["cores"]["cpu_util_core_0"]
+    assert core["prediction"] == last["prediction"] and core["alarm"] == last["alarm"]
+
+
+def test_a_large_batch_does_not_hold_up_other_clients(seed_twin):
+    samples = [_sample(1e6 + i * 0.1, core0=(7 * i) % 90) for i in range(7000)]
+    with serving(seed_twin, max_body_bytes=5_000_000) as client:
+        done = threading.Event()
+        took = {}
+
+        def big() -> None:
+            start = time.perf_counter()
+            with httpx.Client(base_url=client.base_url, timeout=60) as other:
+                other.post("/v1/streams/big/samples", json={"samples": samples})
+            took["batch"] = time.perf_counter() - start
+            done.set()
+
+        threading.Thread(target=big).start()
+        time.sleep(0.05)
+        waits = []
+        while not done.is_set():
+            start = time.perf_counter()
+            assert client.get("/healthz").status_code == 200
+            waits.append(time.perf_counter() - start)
+        assert took["batch"] > 0.3, "the batch is too quick to show anything on this machine"
+        assert max(waits) < took["batch"] / 3, (max(waits), took["batch"])
+
+
+def _cli_server(twin, *args, env=None):
+    """`cputwin serve` in its own process on a free port: (process, base URL)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cputwin", "serve", str(twin), "--port",
+                             str(port), *args], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    first = proc.stderr.readline()
+    assert f"http://127.0.0.1:{port}" in first, first  # its address, printed at start
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            httpx.get(f"{url}/healthz", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return proc, url
+
+
+def test_serve_logs_warnings_as_they_happen_in_one_line_each(seed_twin):
+    proc, url = _cli_server(seed_twin)
+    try:
+        rows = [_sample(1000 + i * 0.1, workload="odd\nlabel") for i in range(30)]
+        for _ in range(3):
+            assert httpx.post(f"{url}/v1/predict", json={"rows": rows}).status_code == 200
+        lines = [proc.stderr.readline() for _ in range(3)]  # while it still runs
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    assert all("odd\\nlabel" in line and line.endswith("\n") for line in lines), lines
+
+
+@contextmanager
+def _stalled_client(url: str):
+    """A connection that sent half a request body and then nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as stalled:
+        stalled.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                        b"\r\nContent-Length: 1000\r\n\r\n{\"rows\": [")
+        time.sleep(0.3)
+        yield
+
+
+def test_a_stalled_client_does_not_hold_shutdown_and_a_second_sigterm_exits(seed_twin):
+    proc, url = _cli_server(seed_twin)
+    with _stalled_client(url):
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        finally:
+            proc.kill()
+    assert time.monotonic() - start < 5
+
+
+def test_a_stalled_client_is_dropped_after_the_graceful_timeout(seed_twin):
+    from cputwin.live.serve import GRACEFUL_SHUTDOWN_S
+
+    proc, url = _cli_server(seed_twin)
+    with _stalled_client(url):
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(GRACEFUL_SHUTDOWN_S + 10)
+        finally:
+            proc.kill()
+    assert time.monotonic() - start < GRACEFUL_SHUTDOWN_S + 5
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--port", "99999"], "port must be in 1..65535"),
+    (["--port", "0"], "port must be in 1..65535"),
+    (["--max-body", "-1"], "max_body_bytes must be positive"),
+    (["--max-streams", "0"], "max_streams must be positive"),
+    (["--stream-ttl", "-5"], "stream_ttl_s must be positive"),
+    (["--alert-webhook", "ftp://x"], "--alert-webhook must be an http(s) URL"),
+])
+def test_serve_refuses_bad_options_in_one_line(seed_twin, args, fragment):
+    r = subprocess.run([sys.executable, "-m", "cputwin", "serve", str(seed_twin), *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:") and fragment in r.stderr
+
+
+def test_serve_refuses_a_taken_port_in_one_line(seed_twin):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "cputwin", "serve", str(seed_twin), "--port",
+                            str(port)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot listen on"), r.stderr
+
+
+def test_a_token_guards_every_route_but_healthz(seed_twin):
+    proc, url = _cli_server(seed_twin, env={"CPUTWIN_TOKEN": "s3cret"})
+    try:
+        sample = {"samples": [_sample(1.0)]}
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        for method, path, kw in (("POST", "/v1/streams/t/samples", {"json": sample}),
+                                 ("GET", "/metrics", {}), ("GET", "/openapi.json", {})):
+            assert httpx.request(method, f"{url}{path}", **kw).status_code == 401
+            wrong = {"authorization": "Bearer nope"}
+            assert httpx.request(method, f"{url}{path}", headers=wrong, **kw).status_code == 401
+            right = {"authorization": "Bearer s3cret"}
+            assert httpx.request(method, f"{url}{path}", headers=right, **kw).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
