@@ -20,6 +20,7 @@ import psutil
 import pyarrow as pa
 
 from cputwin.errors import DataError
+from cputwin.live.alerts import AlertSender, tick_events
 from cputwin.live.detector import Detector
 from cputwin.live.stream import OnlineTwin, Tick
 from cputwin.models import TwinStack
@@ -32,16 +33,30 @@ RECORD_FIELDS = ("prediction", "residual", "score", "alarm")
 class Recorder:
     """Telemetry plus the twin's verdict per tick, as crash-safe parquet parts."""
 
-    def __init__(self, folder: Path, sampler: Sampler) -> None:
+    def __init__(self, folder: Path, sampler: Sampler, targets: list[str] | None = None) -> None:
+        """targets: the watched cores of a machine twin, each recorded as `<field>_<core>`
+        (None: a twin of one core, recorded as `<field>`)."""
         self.parts, self.final = reserve_run(folder, "watch")  # a name no other run has
+        self.targets = targets
+        names = ([f"{f}_{t}" for t in targets for f in RECORD_FIELDS] if targets
+                 else list(RECORD_FIELDS))
         base = [pa.field(c, pa.float64()) for c in sampler.schema.column_order()[:-1]]
-        extra = [pa.field(f, pa.bool_() if f == "alarm" else pa.float64()) for f in RECORD_FIELDS]
+        extra = [pa.field(n, pa.bool_() if n.startswith("alarm") else pa.float64()) for n in names]
         self.writer = PartWriter(self.parts, pa.schema([*base, pa.field(WORKLOAD, pa.string()),
                                                         *extra]))
 
     def add(self, row: dict[str, Any], tick: Tick) -> None:
-        self.writer.add({**row, "prediction": tick.prediction, "residual": tick.residual,
-                         "score": tick.score, "alarm": tick.alarm})
+        if not self.targets:
+            self.writer.add({**row, "prediction": tick.prediction, "residual": tick.residual,
+                             "score": tick.score, "alarm": tick.alarm})
+            return
+        verdicts = {}
+        for core in tick.cores:
+            verdicts.update({f"prediction_{core.target}": core.prediction,
+                             f"residual_{core.target}": core.residual,
+                             f"score_{core.target}": core.score,
+                             f"alarm_{core.target}": core.alarm})
+        self.writer.add({**row, **verdicts})
 
     def close(self, meta: dict[str, Any]) -> Path:
         self.writer.flush()
@@ -59,13 +74,15 @@ def watch(
     record: Path | None = None,
     events: Path | None = None,
     workload_pid: int | None = None,
+    alerts: AlertSender | None = None,
     sampler: RowSampler | None = None,
 ) -> dict[str, Any]:
     """Sample this machine until `seconds` pass or KeyboardInterrupt; returns a summary.
 
     workload_pid: the process (with its children) whose CPU use is the workload's, for a
-    twin that reads it; required by such a twin. sampler: what to sample instead of this
-    machine (a remote host's `NodeExporterSampler`)."""
+    twin that reads it; required by such a twin. alerts: each core's alarm raise/clear is
+    queued to it (and what is queued sent before returning). sampler: what to sample
+    instead of this machine (a remote host's `NodeExporterSampler`)."""
     sampler = sampler if sampler is not None else _sampler(workload_pid)
     if sampler.schema.n_cores != stack.schema_.n_cores and not stack.portable_:
         raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, this machine "
@@ -74,12 +91,14 @@ def watch(
     if twin.reads_workload_cpu and workload_pid is None:
         raise DataError("this twin reads the workload's own CPU use: give the pid of the "
                         "workload's process (watch --pid)")
-    stream = twin.stream(getattr(sampler, "host", None) or socket.gethostname())
+    host = getattr(sampler, "host", None) or socket.gethostname()
+    stream = twin.stream(host)
     cores = sampler.schema.core_columns
-    recorder = Recorder(record, sampler) if record else None
+    recorder = Recorder(record, sampler, twin.targets if stack.machine_ else None) if record else None
     event_file = open(events, "a", encoding="utf-8") if events else None  # noqa: SIM115
     n_ticks = None if seconds is None else int(round(seconds * rate))
-    summary: dict[str, Any] = {"ticks": 0, "alarms": 0, "record": None, "interrupted": False}
+    summary: dict[str, Any] = {"ticks": 0, "alarms": 0, "alarms_by_core": {}, "record": None,
+                               "interrupted": False}
     last_flush = time.monotonic()
     try:
         for _ in ticks(rate, n_ticks):
@@ -87,13 +106,19 @@ def watch(
             tick = stream.update(np.array([row[c] for c in cores]), row[OVERALL], workload,
                                  row[WORKLOAD_CPU])
             summary["ticks"] += 1
-            if tick.event == "raise":
-                summary["alarms"] += 1
-            if event_file and tick.event:
-                event_file.write(json.dumps({"event": tick.event, "timestamp": row[TIMESTAMP],
-                                             "target": stack.target, "score": tick.score,
-                                             "residual": tick.residual}) + "\n")
-                event_file.flush()
+            for core in tick.cores:
+                if core.event == "raise":
+                    summary["alarms"] += 1
+                    summary["alarms_by_core"][core.target] = (
+                        summary["alarms_by_core"].get(core.target, 0) + 1)
+                if event_file and core.event:
+                    event_file.write(json.dumps({
+                        "event": core.event, "timestamp": row[TIMESTAMP], "target": core.target,
+                        "score": core.score, "residual": core.residual}) + "\n")
+                    event_file.flush()
+            if alerts is not None:
+                tick_events(alerts, "watch", host, tick, getattr(detector, "threshold", None),
+                            row[TIMESTAMP])
             if recorder:
                 recorder.add(row, tick)
                 if time.monotonic() - last_flush >= 0.5:
@@ -103,6 +128,8 @@ def watch(
     except KeyboardInterrupt:
         summary["interrupted"] = True
     finally:
+        if alerts is not None:
+            alerts.close()
         if event_file:
             event_file.close()
         if recorder:
