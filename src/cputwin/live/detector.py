@@ -5,21 +5,32 @@ per workload where a workload has enough of them:
 
     z      = (residual − centre[w]) / scale[w]        robust centre and scale (median, MAD;
                                                       the scale floored at a reading's rounding)
-    score  = EWMA of z with weight `alpha`            smooths 100 ms noise
-    alarm  raised after `raise_ticks` ticks with score > `threshold`,
-           cleared after `clear_ticks` ticks with score < `clear_level` × `threshold`
+    score  = EWMA of z (time constant `smoothing_s`)  smooths 100 ms noise
+    alarm  raised after `raise_s` seconds of score > `threshold`,
+           cleared after `clear_s` seconds of score < `clear_level` × `threshold`
 
-`threshold` is the higher of two: the lowest value at which replaying the out-of-fold
-residuals through the same alarm logic raises no more than `false_alarms_per_hour` alarms,
-and the level an exponential tail fitted to the peaks of those scores puts at that rate
-(minutes of calibration cannot show a once-an-hour level; see `tail_threshold`). The
-score is one-sided by default (the core busier than the twin expects: a hidden process,
-a noisy neighbour); `two_sided` also catches a core quieter than expected (a stuck
-scheduler).
+The durations become ticks at the data's rate (10 Hz: 5 ticks to raise, 10 to clear; at a
+1 s scrape, 1 tick to raise), so a twin of slow data is as quick as its data allows.
+
+`threshold` is the level an exponential tail, fitted to the episode peaks of the
+calibration's sustained scores, puts at `false_alarms_per_hour`
+(`threshold_for_rate`). Minutes of calibration cannot show a once-an-hour level by
+themselves, so it is extrapolated; the tail's scale comes from the median excess, which
+a few stretches of load the labels do not explain (a cron job, another user) cannot
+inflate. Such stretches are counted and reported (`unexplained`), not learnt as normal.
+Once calibration covers an hour at the rate, the threshold is also at least the lowest
+level the calibration itself shows to meet the rate.
+
+`power[w]` is what the threshold means in load: the smallest sustained extra load on
+the core (utilisation points) that raises an alarm within `POWER_WINDOW_S` seconds in
+workload w. The score is one-sided by default (the core busier than the twin expects: a
+hidden process, a noisy neighbour); `two_sided` also catches a core quieter than
+expected (a stuck scheduler).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,9 +38,11 @@ import numpy as np
 from scipy.stats import chi2
 
 GLOBAL = "*"
-MIN_ROWS_PER_WORKLOAD = 200
+MIN_ROWS_PER_WORKLOAD = 60
 MAD_TO_SIGMA = 1.4826
 USER_HZ = 100  # Linux counts CPU time in 1/100 s: a 100 ms sample of one core is in 10 % steps
+POWER_WINDOW_S = 2.0  # power: extra load that alarms within this long
+BLIND_POINTS = 50.0  # a workload whose power is above this is reported as blind spot
 
 
 def resolution_floor(rate_hz: float) -> float:
@@ -42,25 +55,31 @@ def resolution_floor(rate_hz: float) -> float:
 
 @dataclass
 class Detector:
+    # settings
+    false_alarms_per_hour: float = 1.0
+    two_sided: bool = False
+    smoothing_s: float = 0.28
+    raise_s: float = 0.5
+    clear_s: float = 1.0
+    clear_level: float = 1.0
+    # fitted: the durations in ticks at the calibration's rate, scores, threshold, power
     alpha: float = 0.3
     raise_ticks: int = 5
     clear_ticks: int = 10
-    false_alarms_per_hour: float = 1.0
-    two_sided: bool = False
-    # Hysteresis is in time (5 ticks to raise, 10 to clear, on a smoothed score). A clear
-    # level under the threshold also asked the score to fall below normal: with a low
-    # threshold (1.8) that level (0.9) sits inside normal operation when the twin's bias on
-    # new runs differs from its out-of-fold bias by ~1 z, and the alarm of one hidden
-    # process stayed up into the next (session 6: 3 of 30 injections missed that way).
-    clear_level: float = 1.0
+    rate_hz: float = 10.0
     centre: dict[str, float] = field(default_factory=dict)
     scale: dict[str, float] = field(default_factory=dict)
     threshold: float = float("inf")
-    calibration: dict[str, float] = field(default_factory=dict)
+    power: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def fit(self, residuals: np.ndarray, workloads: np.ndarray, segments: np.ndarray,
             rate_hz: float) -> Detector:
         """Calibrate from residuals in time order; `segments` labels unbroken stretches."""
+        self.rate_hz = float(rate_hz)
+        self.alpha = 1.0 - math.exp(-1.0 / (rate_hz * self.smoothing_s))
+        self.raise_ticks = max(1, round(self.raise_s * rate_hz))
+        self.clear_ticks = max(1, round(self.clear_s * rate_hz))
         self.centre, self.scale = {}, {}
         floor = resolution_floor(rate_hz)
         groups = [(GLOBAL, np.ones(residuals.size, bool))] + [
@@ -74,46 +93,46 @@ class Detector:
                                  for s in np.unique(segments)])
         bounds = np.concatenate([[True], segments[1:] != segments[:-1]])
         hours = residuals.size / rate_hz / 3600
-        levels = sustained(scores, bounds, self.raise_ticks)
-        observed = self._lowest_threshold(scores, levels, bounds, hours)
-        extrapolated, tail = tail_threshold(levels, bounds, hours, self.false_alarms_per_hour)
-        self.threshold = max(observed, extrapolated)
-        self.calibration = {"rows": int(residuals.size), "hours": hours,
-                            "false_alarms": count_raises(scores, bounds, self.threshold,
-                                                         self.raise_ticks, self.clear_ticks,
-                                                         self.clear_level),
-                            "observed_threshold": observed, **tail}
+        self.threshold, info = threshold_for_rate(
+            scores, bounds, hours, self.false_alarms_per_hour, self.raise_ticks,
+            self.clear_ticks, self.clear_level)
+        self.power = {w: self.power_for(w) for w in self.scale}
+        self.calibration = {"rows": int(residuals.size), "hours": hours, **info,
+                            "unexplained_workloads": _unexplained_workloads(
+                                scores, bounds, workloads, self.threshold, self.raise_ticks)}
         return self
 
-    def _lowest_threshold(self, scores: np.ndarray, levels: np.ndarray, bounds: np.ndarray,
-                          hours: float) -> float:
-        """The lowest threshold whose replay of the calibration scores stays within the rate.
+    def power_for(self, workload: str) -> float:
+        """The smallest sustained extra load (points) that raises an alarm within
+        POWER_WINDOW_S in this workload: the step response of the smoothed score must
+        stay above the threshold for `raise_ticks` ticks inside the window."""
+        ticks = int(round(POWER_WINDOW_S * self.rate_hz))
+        if ticks < self.raise_ticks:
+            return float("inf")
+        key = workload if workload in self.scale else GLOBAL
+        rise = 1.0 - (1.0 - self.alpha) ** (ticks - self.raise_ticks + 1)
+        return float(max(self.threshold, 0.0) * self.scale[key] / rise)
 
-        Candidates are the sustained levels themselves (an alarm raises where the lowest of
-        `raise_ticks` scores exceeds the threshold), so one short burst in calibration
-        costs exactly the level it reached for `raise_ticks` ticks. (A grid of quantiles
-        had no candidate between its 99.75th percentile and the maximum, so such a burst
-        put the threshold at its peak: 15 where 5 would do, session 6.) Bisection keeps
-        the highest candidate known to meet the rate (none raises there) as its upper end.
-        """
-        levels = levels[~np.isnan(levels)]
-        candidates = np.unique(levels[levels >= np.median(scores)])
-        if candidates.size == 0:
-            return float(scores.max() + 1.0)
+    def blind_spots(self, limit: float = BLIND_POINTS) -> dict[str, float]:
+        """Workloads where only more than `limit` points of extra load would alarm."""
+        return {w: p for w, p in self.power.items() if w != GLOBAL and p > limit} or (
+            {GLOBAL: self.power[GLOBAL]} if self.power.get(GLOBAL, 0.0) > limit
+            and len(self.power) == 1 else {})
 
-        def meets(t: float) -> bool:
-            raised = count_raises(scores, bounds, t, self.raise_ticks, self.clear_ticks,
-                                  self.clear_level)
-            return raised / hours <= self.false_alarms_per_hour
-
-        low, high = 0, candidates.size - 1
-        while low < high:
-            middle = (low + high) // 2
-            if meets(candidates[middle]):
-                high = middle
-            else:
-                low = middle + 1
-        return float(candidates[high])
+    def blind_reason(self, workload: str) -> str:
+        """Why the detector needs much load to alarm in this workload, in plain words."""
+        key = workload if workload in self.scale else GLOBAL
+        reasons = []
+        unexplained = self.calibration.get("unexplained_workloads", {}).get(workload, 0)
+        if unexplained:
+            reasons.append(f"{unexplained} stretch{'es' if unexplained > 1 else ''} of its "
+                           "training data hold load the labels do not explain")
+        if self.scale[key] > 3 * resolution_floor(self.rate_hz):
+            reasons.append(f"the twin's error there is wide ({self.scale[key]:.1f} points)")
+        minutes = 60 * self.calibration.get("hours", 0.0)
+        if minutes < 10:
+            reasons.append(f"{minutes:.1f} min of out-of-fold rows to calibrate on")
+        return "; ".join(reasons) or "its normal residuals have a heavy tail"
 
     def z(self, residual: float, workload: str) -> float:
         key = workload if workload in self.scale else GLOBAL
@@ -133,8 +152,73 @@ class Detector:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Detector:
-        # twins saved before `clear_level` existed were calibrated clearing at half
+        # files without `clear_level` were calibrated clearing at half the threshold
         return cls(**{"clear_level": 0.5, **data})
+
+
+def threshold_for_rate(scores: np.ndarray, segment_starts: np.ndarray, hours: float,
+                       rate: float, raise_ticks: int, clear_ticks: int,
+                       clear_level: float = 1.0) -> tuple[float, dict[str, Any]]:
+    """The score threshold at which the alarm logic raises `rate` alarms an hour.
+
+    scores: smoothed scores of normal operation in time order; segment_starts: True where
+    an unbroken stretch begins. The threshold is the tail's extrapolation (see the module
+    docstring); once `hours` covers at least one alarm at the rate, it is also at least
+    the lowest level the scores show to meet it. Usable for any detector's score (the
+    benchmark's baselines are calibrated by it too).
+    """
+    levels = sustained(scores, segment_starts, raise_ticks)
+    extrapolated, info = tail_threshold(levels, segment_starts, hours, rate)
+    observed = _lowest_threshold(scores, levels, segment_starts, hours, rate, raise_ticks,
+                                 clear_ticks, clear_level)
+    info["observed_threshold"] = observed
+    if not np.isfinite(extrapolated):  # too few episodes to fit a tail
+        threshold = observed
+    elif hours * rate >= 1.0:
+        threshold = max(observed, extrapolated)
+    else:
+        threshold = extrapolated
+    info["false_alarms"] = count_raises(scores, segment_starts, threshold, raise_ticks,
+                                       clear_ticks, clear_level)
+    return float(threshold), info
+
+
+def _lowest_threshold(scores: np.ndarray, levels: np.ndarray, bounds: np.ndarray, hours: float,
+                      rate: float, raise_ticks: int, clear_ticks: int, clear_level: float) -> float:
+    """The lowest threshold whose replay of the scores stays within the rate.
+
+    Candidates are the sustained levels themselves (an alarm raises where the lowest of
+    `raise_ticks` scores exceeds the threshold), so one short burst costs exactly the level
+    it held for `raise_ticks` ticks. Bisection keeps the highest candidate known to meet
+    the rate as its upper end.
+    """
+    levels = levels[~np.isnan(levels)]
+    candidates = np.unique(levels[levels >= np.median(scores)])
+    if candidates.size == 0:
+        return float(scores.max() + 1.0)
+
+    def meets(t: float) -> bool:
+        raised = count_raises(scores, bounds, t, raise_ticks, clear_ticks, clear_level)
+        return raised / hours <= rate
+
+    low, high = 0, candidates.size - 1
+    while low < high:
+        middle = (low + high) // 2
+        if meets(candidates[middle]):
+            high = middle
+        else:
+            low = middle + 1
+    return float(candidates[high])
+
+
+def _unexplained_workloads(scores: np.ndarray, bounds: np.ndarray, workloads: np.ndarray,
+                           threshold: float, k: int) -> dict[str, int]:
+    """Where the calibration's own scores held above the threshold: per workload, the
+    number of such stretches (load the labels do not explain, or a twin that is wrong)."""
+    above = np.nan_to_num(sustained(scores, bounds, k), nan=-np.inf) > threshold
+    starts = above & (bounds | ~np.r_[False, above[:-1]])
+    names, counts = np.unique(workloads[starts], return_counts=True)
+    return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
 
 
 class Hysteresis:
@@ -185,32 +269,36 @@ def sustained(scores: np.ndarray, segment_starts: np.ndarray, k: int) -> np.ndar
 
 
 def tail_threshold(level: np.ndarray, segment_starts: np.ndarray, hours: float, rate: float,
-                   min_episodes: int = 20, confidence: float = 0.9) -> tuple[float, dict[str, float]]:
+                   min_episodes: int = 12, confidence: float = 0.9) -> tuple[float, dict[str, Any]]:
     """The level crossed `rate` times an hour, by the exponential tail of episode peaks.
 
     A calibration of minutes cannot show a once-an-hour level: the lowest threshold with no
     alarm in it is its maximum, and a longer stretch of normal operation will exceed it.
     Peaks over a high level u (one per upcrossing) are fitted with an exponential excess
-    (mean excess sigma); u is crossed lambda_u times an hour, so the level crossed `rate`
-    times an hour is u + sigma * ln(lambda_u / rate). A few dozen peaks leave sigma
+    of scale sigma; u is crossed lambda_u times an hour, so the level crossed `rate` times
+    an hour is u + sigma * ln(lambda_u / rate). sigma is the median excess / ln 2: the
+    mean would let one stretch of unexplained load in the training data (a peak tens of
+    times the others) set the threshold out of reach. A few dozen peaks leave sigma
     uncertain, and an underestimate shows up as alarms, so sigma is taken at its upper
-    `confidence` bound (2 n sigma_hat / sigma is chi-square with 2n degrees of freedom).
+    `confidence` bound (2 n sigma_hat / sigma is about chi-square with 2n degrees of
+    freedom).
     """
     valid = ~np.isnan(level)
-    peaks = np.array([])
-    for q in (0.99, 0.98, 0.95, 0.9, 0.8) if valid.any() else ():
+    peaks, u = np.array([]), -np.inf
+    for q in (0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.5) if valid.any() else ():
         u = float(np.quantile(level[valid], q))
         peaks = _episode_peaks(level, segment_starts, u)
         if peaks.size >= min_episodes:
             break
-    if peaks.size < 2:
-        return -np.inf, {"tail_episodes": int(peaks.size)}
-    sigma = float(np.mean(peaks - u))
+    if peaks.size < 3:
+        return float("inf"), {"tail_episodes": int(peaks.size)}
+    excess = peaks - u
+    sigma = float(np.median(excess) / np.log(2))
     upper = sigma * 2 * peaks.size / chi2.ppf(1 - confidence, 2 * peaks.size)
     per_hour = peaks.size / hours
     threshold = u + upper * np.log(per_hour / rate) if per_hour > rate else u
     return float(threshold), {"tail_level": u, "tail_episodes": int(peaks.size),
-                              "tail_mean_excess": sigma, "tail_mean_excess_upper": upper,
+                              "tail_scale": sigma, "tail_scale_upper": float(upper),
                               "tail_threshold": float(threshold)}
 
 
@@ -252,17 +340,26 @@ class DetectorState:
         return Verdict(score, self.logic.alarm, event)
 
 
-def calibrate(stack: Any, frame: Any, **settings: Any) -> Detector:
+def calibrate(stack: Any, frame: Any, **settings: Any) -> Detector | dict[str, Detector]:
     """A detector for a fitted `TwinStack`, from the out-of-fold residuals of its training
-    frame (the rows each base model never saw)."""
+    frame (the rows each base model never saw); for a machine twin, one per core."""
+    if getattr(stack, "machine_", False):
+        return {core: _calibrate_core(stack, frame, k, settings)
+                for k, core in enumerate(stack.targets_)}
+    return _calibrate_core(stack, frame, 0, settings)
+
+
+def _calibrate_core(stack: Any, frame: Any, k: int, settings: dict[str, Any]) -> Detector:
+    """Core k's detector: its out-of-fold rows (a machine twin stacks core after core)."""
     import polars as pl
 
     from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD
 
-    rows = stack.oof_index_
+    mine = (stack.oof_index_ // frame.height) == k
+    rows = stack.oof_index_[mine] % frame.height
     workloads = frame[WORKLOAD].to_numpy()[rows]
-    predicted = stack.meta_.predict(stack.oof_predictions_, workloads)
-    residuals = frame[stack.target].to_numpy()[rows] - predicted
+    predicted = stack.meta_.predict(stack.oof_predictions_[mine], workloads)
+    residuals = frame[stack.targets_[k]].to_numpy()[rows] - predicted
     runs = frame[RUN_COLUMN].to_numpy()[rows]
     # unbroken stretches: a run's rows inside one fold's block (rows are in time order there)
     breaks = np.concatenate([[False], (runs[1:] != runs[:-1]) | (np.diff(rows) != 1)])

@@ -52,33 +52,38 @@ class Tick:
 class OnlineTwin:
     """A fitted stack, ready to open streams.
 
+    A twin of one core watches that core; a machine twin (`TwinStack(target="all")`)
+    watches every core of the stream. detector: one `Detector` (a twin of one core) or
+    one per watched core, by core column.
     compiled_trees: score LightGBM bases with the compiled kernel (`models/forest.py`), or
     with LightGBM's own single-row path; it sets up the stack's bases, so it holds for
     every OnlineTwin of that stack.
     """
 
     def __init__(self, stack: TwinStack, n_cores: int | None = None,
-                 detector: Detector | None = None, compiled_trees: bool = True) -> None:
+                 detector: Detector | dict[str, Detector] | None = None,
+                 compiled_trees: bool = True) -> None:
         stack._check_fitted()
         self.stack = stack
-        self.detector = detector
         self.schema = Schema(n_cores=n_cores or stack.schema_.n_cores)
         if self.schema != stack.schema_ and not stack.portable_:
             raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, "
                             f"the stream has {self.schema.n_cores}")
         cores = self.schema.core_columns
+        self.targets = cores if stack.machine_ else [stack.target]  # the watched cores
+        self.detectors = _per_target(detector, self.targets)
+        self.detector = self.detectors[self.targets[0]] if self.detectors else None
         # bases reading the same feature spec (two seeds of one model) share its state:
-        # each distinct spec is computed once per tick
+        # each distinct spec is computed once per tick, for every watched core at once
         specs = []
         self.spec_of_base = []
         for base in stack.base_specs_:
             if base.features not in specs:
                 specs.append(base.features)
             self.spec_of_base.append(specs.index(base.features))
-        self.compiled = [compile_spec(spec, stack.target, cores, stack.workloads_, stack.hosts_)
-                         for spec in specs]
+        self.compiled = [[compile_spec(spec, t, cores, stack.workloads_, stack.hosts_)
+                          for t in self.targets] for spec in specs]
         self.names = [b.name for b in stack.base_specs_]
-        self.targets = [stack.target]  # the watched cores
         # whether samples must carry the workload's own CPU use (workload_cpu_percent)
         self.reads_workload_cpu = any(b.features.reads_workload_cpu for b in stack.base_specs_)
         for base in stack.bases_:
@@ -89,6 +94,20 @@ class OnlineTwin:
         return TwinStream(self, host)
 
 
+def _per_target(detector: Detector | dict[str, Detector] | None,
+                targets: list[str]) -> dict[str, Detector]:
+    if detector is None:
+        return {}
+    if isinstance(detector, Detector):
+        if len(targets) > 1:
+            raise DataError("a machine twin needs one detector per core")
+        return {targets[0]: detector}
+    missing = [t for t in targets if t not in detector]
+    if missing:
+        raise DataError(f"no detector for {', '.join(missing)}")
+    return {t: detector[t] for t in targets}
+
+
 class TwinStream:
     """The online state of one run."""
 
@@ -97,38 +116,47 @@ class TwinStream:
         self.host = host
         self.features = [OnlineFeatures(c) for c in twin.compiled]
         self.needs_derived = any(f.derived for f in self.features)  # computed once per tick
-        self.target_index = twin.schema.core_columns.index(twin.stack.target)
+        self.others = self.features[0].others
+        self.target_index = [twin.schema.core_columns.index(t) for t in twin.targets]
         self.meta = twin.stack.meta_
-        self.watch = twin.detector.stream() if twin.detector is not None else None
+        self.watch = [twin.detectors[t].stream() for t in twin.targets] if twin.detectors else None
 
     def update(self, cores: np.ndarray, overall: float, workload: str,
                workload_cpu: float | None = None) -> Tick:
-        """Push one sample: all cores' utilisation (the target's is not read), the overall
-        utilisation, the workload label and, for a twin that reads it, the workload's own
-        CPU use (None: not measured this tick, a missing value to the models)."""
+        """Push one sample: all cores' utilisation (a watched core's own is not read for its
+        prediction), the overall utilisation, the workload label and, for a twin that reads
+        it, the workload's own CPU use (None: not measured this tick, a missing value to
+        the models)."""
         own = float("nan") if workload_cpu is None else float(workload_cpu)
-        derived = (derive_sample(cores, overall, self.target_index, len(cores),
+        derived = (derive_sample(cores, overall, self.others,
                                  own if self.twin.reads_workload_cpu else None)
                    if self.needs_derived else None)
-        vectors = [f.update(cores, overall, workload, self.host, derived, own)
-                   for f in self.features]
-        if any(v is None for v in vectors):
+        rows = [f.update(cores, overall, workload, self.host, derived, own)
+                for f in self.features]
+        if any(r is None for r in rows):
             return Tick(None, None)
-        preds = [base.predict_one(vectors[j])
-                 for base, j in zip(self.twin.stack.bases_, self.twin.spec_of_base, strict=True)]
-        value = self.meta.predict_one(preds, workload)
-        tick = Tick(value, dict(zip(self.twin.names, preds, strict=True)))
-        if self.watch is not None:
-            tick.residual = float(cores[self.target_index]) - value
-            verdict = self.watch.update(tick.residual, workload)
-            tick.score, tick.alarm, tick.event = verdict.score, verdict.alarm, verdict.event
-        tick.cores = [CoreTick(self.twin.stack.target, value, tick.residual, tick.score,
-                               tick.alarm, tick.event)]
-        return tick
+        bases, spec_of_base = self.twin.stack.bases_, self.twin.spec_of_base
+        per_core = []
+        for t, target in enumerate(self.twin.targets):
+            preds = [base.predict_one(rows[j][t]) for base, j in zip(bases, spec_of_base, strict=True)]
+            value = self.meta.predict_one(preds, workload)
+            core = CoreTick(target, value)
+            if self.watch is not None:
+                core.residual = float(cores[self.target_index[t]]) - value
+                verdict = self.watch[t].update(core.residual, workload)
+                core.score, core.alarm, core.event = verdict.score, verdict.alarm, verdict.event
+            per_core.append((core, preds))
+        first, preds = per_core[0]
+        return Tick(first.prediction, dict(zip(self.twin.names, preds, strict=True)),
+                    first.residual, first.score, first.alarm, first.event,
+                    [core for core, _ in per_core])
 
 
 def replay(stack: TwinStack, frame: pl.DataFrame) -> np.ndarray:
-    """Feed every run of `frame` through its own stream, sample by sample; NaN until history."""
+    """Feed every run of `frame` through its own stream, sample by sample; NaN until history.
+
+    One value per row for a twin of one core; a row of every core's value for a machine
+    twin."""
     twin = OnlineTwin(stack, n_cores=len([c for c in frame.columns
                                           if c.startswith("cpu_util_core_")]))
     cores = frame.select(twin.schema.core_columns).to_numpy()
@@ -138,12 +166,12 @@ def replay(stack: TwinStack, frame: pl.DataFrame) -> np.ndarray:
     hosts = frame[HOST].to_list() if HOST in frame.columns else [""] * frame.height
     own = (workload_cpu_column(frame, "this twin").to_numpy() if twin.reads_workload_cpu
            else np.full(frame.height, np.nan))
-    out = np.full(frame.height, np.nan)
+    out = np.full((frame.height, len(twin.targets)), np.nan)
     stream, current = None, None
     for i in range(frame.height):
         if runs[i] != current:
             stream, current = twin.stream(hosts[i]), runs[i]
         tick = stream.update(cores[i], overall[i], workloads[i], own[i])
         if tick.prediction is not None:
-            out[i] = tick.prediction
-    return out
+            out[i] = [core.prediction for core in tick.cores]
+    return out if stack.machine_ else out[:, 0]

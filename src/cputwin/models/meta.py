@@ -46,13 +46,16 @@ class LinearMeta:
     intercepts: dict[str, float]
 
     def predict(self, P: np.ndarray, workloads: np.ndarray | None = None) -> np.ndarray:
+        """The combined prediction, bounded to a utilisation's range [0, 100] (a linear
+        combination extrapolates past it where a workload sits where training never saw
+        it; NaN stays NaN)."""
         out = self.intercepts[GLOBAL] + P @ self.weights[GLOBAL]
         if workloads is not None and len(self.weights) > 1:
             for group, w in self.weights.items():
                 rows = workloads == group
                 if group != GLOBAL and rows.any():
                     out[rows] = self.intercepts[group] + P[rows] @ w
-        return out
+        return np.minimum(np.maximum(out, 0.0), 100.0)
 
     def __post_init__(self) -> None:
         # the weights as Python floats: for a tick, a NumPy dot product (and the array it
@@ -65,7 +68,9 @@ class LinearMeta:
         total = 0.0
         for weight, value in zip(self._row_weights[group], p, strict=True):
             total += weight * value
-        return self.intercepts[group] + total
+        value = self.intercepts[group] + total
+        return value if 0.0 <= value <= 100.0 else (0.0 if value < 0.0 else
+                                                      100.0 if value > 100.0 else value)
 
     @property
     def global_weights(self) -> dict[str, float]:

@@ -36,6 +36,7 @@ from cputwin.models.meta import META_KINDS, LinearMeta, choose_meta, fit_meta
 from cputwin.telemetry.ingest import DataWarning, sample_step, schema_of
 from cputwin.telemetry.schema import HOST, RUN_COLUMN, WORKLOAD, Schema
 
+ALL_CORES = "all"
 Progress = Callable[[str, float], None]  # (what is running, fraction of fit done)
 FEATURE_DTYPES = {"float64": np.float64, "float32": np.float32}
 
@@ -45,14 +46,18 @@ def _noop(_: str, __: float) -> None:
 
 
 class TwinStack(RegressorMixin, BaseEstimator):
-    """A stacked twin of one core.
+    """A stacked twin of one core, or of every core of a machine (`target="all"`).
+
+    A machine twin needs bases that pool across cores (each trains once on every core's
+    rows as targets); its meta-model learns from every core's out-of-fold rows, so one
+    model set watches all cores, and a workload on any core is a situation it has seen.
 
     Parameters
     ----------
     bases : a preset ("seed", "twin", "portable", "detect", "detect_wcpu") or a list of
         built-in base names / `BaseSpec` objects, one base model each. The default is the
         seed's two sets. detect_wcpu reads the workload's own CPU use (workload_cpu_percent).
-    target : the core column to twin.
+    target : the core column to twin, or "all" for a machine twin of every core.
     mode : "sensor" (may read everything but the target core) or "independent" (may read
         nothing that contains the target: no overall load, no physics estimate).
     n_folds : forward-chaining folds that produce the meta-model's training rows.
@@ -105,13 +110,22 @@ class TwinStack(RegressorMixin, BaseEstimator):
     def fit(self, X: pl.DataFrame, y: Any = None, progress: Progress | None = None) -> TwinStack:
         """Fit on a telemetry frame (as `load_runs` gives); `y` is read from `target`."""
         self.prepare(X)
-        return self.fit_from(LocalRows(self, X), progress)
+        rows = PooledRows(self, X) if self.machine_ else LocalRows(self, X)
+        return self.fit_from(rows, progress)
+
+    @property
+    def machine_(self) -> bool:
+        """True for a twin of every core (`target="all"`)."""
+        return self.target == ALL_CORES
 
     def prepare(self, frame: pl.DataFrame) -> None:
         """Check parameters and frame; fix schema, categories and the mode's feature specs."""
         self._validate_params()
         self.schema_ = schema_of(frame)
-        self.schema_.check_target(self.target)
+        if self.target == ALL_CORES:
+            self.targets_ = self.schema_.core_columns
+        else:
+            self.targets_ = [self.schema_.check_target(self.target)]
         self.workloads_ = sorted(frame[WORKLOAD].unique().to_list())
         if self.host_category and HOST not in frame.columns:
             raise ModelError("host_category needs a 'host' column (load_runs adds one)")
@@ -122,6 +136,11 @@ class TwinStack(RegressorMixin, BaseEstimator):
         names = [b.name for b in self.base_specs_]
         if len(set(names)) != len(names):
             raise ModelError(f"bases must have distinct names, got {names}")
+        unpooled = [b.name for b in self.base_specs_ if not b.pooled]
+        if self.machine_ and unpooled:
+            raise ModelError(
+                f"a twin of every core needs bases that pool across cores; not pooled: "
+                f"{', '.join(unpooled)} (use the detect or detect_wcpu preset)")
         self.history_ = max(b.features.history for b in self.base_specs_)
         self.gap_ = self.history_ if self.gap is None else int(self.gap)
         self.step_s_ = sample_step(frame)  # the data's rate: lags count its samples
@@ -253,7 +272,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
                              f"scikit-learn linear regressor, got {self.meta_model!r}")
 
     def _features(self, frame: pl.DataFrame) -> list[FeatureMatrix]:
-        return [self.matrix(frame, b, self.target) for b in self.base_specs_]
+        return [self.matrix(frame, b, self.targets_[0]) for b in self.base_specs_]
 
     def matrix(self, frame: pl.DataFrame, base: BaseSpec, target: str) -> FeatureMatrix:
         """One base's features of a frame, as this stack builds them (target, categories)."""
@@ -296,20 +315,26 @@ class TwinStack(RegressorMixin, BaseEstimator):
         if not hasattr(self, "bases_"):
             raise ModelError("this TwinStack is not fitted yet: call fit first")
 
-    def predict_bases(self, X: pl.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def predict_bases(self, X: pl.DataFrame, target: str | None = None
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Each base model's prediction per input row (NaN before enough history), and the
-        mask of rows where every base has its history."""
+        mask of rows where every base has its history. target: the core predicted (a
+        machine twin's choice; a twin of one core predicts its own)."""
         self._check_fitted()
         frame = X
+        if target is None:
+            if self.machine_:
+                raise ModelError("a twin of every core predicts one core at a time: name it")
+            target = self.target
         got = schema_of(frame)
         if got != self.schema_ and not self.portable_:
             raise ModelError(
                 f"this twin was trained on {self.schema_.n_cores} cores, data has {got.n_cores} "
                 "(only a twin of portable bases, --bases portable, moves between machines)"
             )
-        got.check_target(self.target)
+        got.check_target(target)
         self.warn_rate(frame)
-        mats = self._features(frame)
+        mats = [self.matrix(frame, b, target) for b in self.base_specs_]
         valid = np.logical_and.reduce([m.valid for m in mats])
         out = {}
         for base, mat in zip(self.bases_, mats, strict=True):
@@ -327,21 +352,36 @@ class TwinStack(RegressorMixin, BaseEstimator):
         return self.meta_.predict(P, workloads)
 
     def predict(self, X: pl.DataFrame) -> np.ndarray:
-        """The twin's value for each input row; NaN where history is not yet complete."""
+        """The twin's value for each input row; NaN where history is not yet complete.
+
+        A machine twin gives a row of every core's value (columns in core order)."""
+        if self.machine_:
+            return np.column_stack([self.predict_core(X, t) for t in self.cores_of(X)])
         bases, _ = self.predict_bases(X)
         return self.combine(bases, X[WORKLOAD].to_numpy())
 
+    def cores_of(self, X: pl.DataFrame) -> list[str]:
+        """The cores this twin watches in a frame: its target, or every core."""
+        return schema_of(X).core_columns if self.machine_ else [self.target]
+
+    def predict_core(self, X: pl.DataFrame, target: str) -> np.ndarray:
+        """One core's twin value per row (a machine twin's bases read any core)."""
+        bases, _ = self.predict_bases(X, target)
+        return self.combine(bases, X[WORKLOAD].to_numpy())
+
     def score(self, X: pl.DataFrame, y: Any = None, sample_weight: Any = None) -> float:
-        """R² on the rows that have full history."""
-        pred = self.predict(X)
-        ok = ~np.isnan(pred)
-        return float(r2_score(X[self.target].to_numpy()[ok], pred[ok]))
+        """R² on the rows that have full history (a machine twin: the mean over cores)."""
+        pred = self.predict(X).reshape(X.height, -1)
+        ok = ~np.isnan(pred).any(axis=1)
+        actual = X.select(self.cores_of(X)).to_numpy()
+        return float(r2_score(actual[ok], pred[ok]))
 
     # ------------------------------------------------------------- persist
     def to_dict(self) -> dict[str, Any]:
         self._check_fitted()
         return {
             "target": self.target,
+            "targets": self.targets_,
             "mode": self.mode,
             "n_cores": self.schema_.n_cores,
             "workloads": self.workloads_,
@@ -372,6 +412,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
                     host_category=bool(p.get("host_category", False)),
                     feature_dtype=p.get("feature_dtype", "float64"))
         stack.schema_ = Schema(n_cores=int(data["n_cores"]))
+        stack.targets_ = list(data.get("targets", [data["target"]]))
         stack.workloads_ = list(data["workloads"])
         stack.hosts_ = list(data.get("hosts", []))
         stack.base_specs_ = specs
@@ -450,3 +491,38 @@ class LocalRows:
         model = fit_lgbm(params, *self.rows(j, train), self.mats[j].names,
                          eval_set=self.rows(j, val), on_round=on_round)
         return max(int(model.best_iteration_ or params["n_estimators"]), 1)
+
+
+class PooledRows(LocalRows):
+    """A machine twin's training rows: every core's rows as targets, stacked core by core
+    (row i of the frame, as core k's target, is stacked row k × rows + i). Every base is
+    pooled, so each trains once on all of them, and the out-of-fold predictions of every
+    core reach the meta-model."""
+
+    def __init__(self, stack: TwinStack, frame: pl.DataFrame) -> None:
+        self.stack = stack
+        cores = stack.targets_
+        specs: list[Any] = []  # distinct feature specs (two seeds of one base share theirs)
+        spec_of_base = []
+        for base in stack.base_specs_:
+            if base.features not in specs:
+                specs.append(base.features)
+            spec_of_base.append(specs.index(base.features))
+        per_core = [[stack.matrix(frame, stack.base_specs_[spec_of_base.index(i)], core)
+                     for i in range(len(specs))] for core in cores]
+        self.mats = [per_core[0][i] for i in spec_of_base]
+        valid = np.logical_and.reduce([m.valid for m in self.mats])
+        k = len(cores)
+        self.valid = np.tile(valid, k)
+        self.position = np.tile(self.mats[0].keys["position"].to_numpy(), k)
+        self.n_in_run = np.tile(frame.select(pl.len().over(RUN_COLUMN))[:, 0].to_numpy(), k)
+        self.target = np.concatenate([frame[c].to_numpy() for c in cores])
+        self.workloads = np.tile(frame[WORKLOAD].to_numpy(), k)
+        stacked = [np.vstack([mats[i].X for mats in per_core]) for i in range(len(specs))]
+        self.stacked = [stacked[i] for i in spec_of_base]
+
+    def rows(self, j: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.stacked[j][rows], self.target[rows]
+
+    def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray:
+        return model.predict(self.stacked[j][rows])
