@@ -68,14 +68,23 @@ def test_a_machine_twin_needs_pooled_bases(sample_frame):
                   base_params=FAST).fit(sample_frame)
 
 
-def test_a_machine_twin_file_round_trips_through_the_cli(tmp_path, sample_data):
-    twin = tmp_path / "machine.cputwin"
-    run = [sys.executable, "-m", "cputwin"]
-    done = subprocess.run([*run, "train", str(sample_data), "--target", "all", "--mode",
+RUN = [sys.executable, "-m", "cputwin"]
+
+
+@pytest.fixture(scope="module")
+def machine_file(sample_data, tmp_path_factory):
+    """A machine twin trained by the CLI, and what `train --json` said."""
+    twin = tmp_path_factory.mktemp("machine") / "machine.cputwin"
+    done = subprocess.run([*RUN, "train", str(sample_data), "--target", "all", "--mode",
                            "independent", "--bases", "detect", "--max-rounds", "30", "-o",
                            str(twin), "--json"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    return twin, json.loads(done.stdout)
+
+
+def test_a_machine_twin_file_round_trips_through_the_cli(tmp_path, sample_data, machine_file):
+    twin, result = machine_file
+    run = RUN
     assert set(result["detector"]) == {"cpu_util_core_0", "cpu_util_core_1"}
     for core in result["detector"].values():
         assert core["power"]["*"] > 0
@@ -119,3 +128,25 @@ def test_detector_files_without_durations_keep_their_ticks():
         old.pop(name)
     det = Detector.from_dict(old)
     assert (det.alpha, det.raise_ticks, det.clear_ticks) == (0.3, 5, 10)
+
+
+def test_serve_answers_for_every_core_of_a_machine_twin(machine_file, sample_frame):
+    from test_serve import serving
+
+    twin, _ = machine_file
+    cores = ["cpu_util_core_0", "cpu_util_core_1"]
+    with serving(twin) as client:
+        health = client.get("/healthz").json()
+        assert health["targets"] == cores and set(health["detectors"]) == set(cores)
+        for detector in health["detectors"].values():
+            assert detector["threshold"] > 0 and detector["power"]["*"] > 0
+        rows = sample_frame.head(40).select("timestamp", "cpu_util_overall", *cores).to_dicts()
+        # no workload label: the sample is of the unlabelled workload
+        answer = client.post("/v1/streams/m/samples", json={"samples": rows})
+        assert answer.status_code == 200, answer.text
+        last = answer.json()["results"][-1]
+        assert set(last["cores"]) == set(cores)
+        assert all(c["prediction"] is not None for c in last["cores"].values())
+        metrics = client.get("/metrics").text
+        for core in cores:
+            assert f'cputwin_score{{core="{core}",stream="m"}}' in metrics

@@ -141,11 +141,13 @@ class AlertSender:
         self.thread.join(1.0)
 
 
-def tick_events(sender: AlertSender, stream: str, host: str, tick, threshold: float | None,
-                timestamp: float | None = None) -> None:
-    """Queue every core's raise/clear of one tick (`Tick.cores`)."""
+def tick_events(sender: AlertSender, stream: str, host: str, tick,
+                detectors: dict[str, Any], timestamp: float | None = None) -> None:
+    """Queue every core's raise/clear of one tick (`Tick.cores`); `detectors` (by core,
+    `OnlineTwin.detectors`) give each alert its core's threshold."""
     for core in tick.cores:
         if core.event:
+            threshold = getattr(detectors.get(core.target), "threshold", None)
             sender.event(core.event, stream, core.target, host, {
                 "summary": f"{core.target} of {host or stream} departs from its twin",
                 "score": core.score, "residual": core.residual,

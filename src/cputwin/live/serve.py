@@ -50,7 +50,14 @@ from starlette.routing import Match, Route
 from cputwin.errors import CputwinError
 from cputwin.live.alerts import AlertSender, tick_events
 from cputwin.telemetry.ingest import check_run
-from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, WORKLOAD, WORKLOAD_CPU
+from cputwin.telemetry.schema import (
+    HOST,
+    OVERALL,
+    RUN_COLUMN,
+    UNLABELLED,
+    WORKLOAD,
+    WORKLOAD_CPU,
+)
 
 log = logging.getLogger("cputwin.serve")
 
@@ -71,7 +78,7 @@ class Sample(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     timestamp: float
     cpu_util_overall: float = Field(ge=0, le=100)
-    workload_type: str = Field(min_length=1, max_length=200)
+    workload_type: str = Field(default=UNLABELLED, min_length=1, max_length=200)
     host: str = Field(default="", max_length=200)
     workload_cpu_percent: float | None = Field(default=None, ge=0)
 
@@ -119,6 +126,14 @@ class StreamResults(BaseModel):
     results: list[StreamResult]
 
 
+class CoreDetector(BaseModel):
+    threshold: float | None = Field(description="The alarm threshold on the smoothed score.")
+    power: dict[str, float | None] = Field(
+        description="By workload ('*': any other), the smallest sustained extra load in "
+                    "points that raises an alarm within 2 s (null: none can).")
+    blind: list[str] = Field(description="Workloads where that load is above 50 points.")
+
+
 class Health(BaseModel):
     status: str
     target: str
@@ -126,6 +141,8 @@ class Health(BaseModel):
     mode: str
     cores: int
     streams: int
+    detectors: dict[str, CoreDetector] = Field(
+        description="What each watched core's detector can see (empty: not calibrated).")
 
 
 class Error(BaseModel):
@@ -503,7 +520,7 @@ def _step(entry: Entry, stream_id: str, samples: list[Sample], cores: np.ndarray
     """Feed checked samples to a stream; the verdict of each, as the JSON answer holds it.
     The metric gauges take the last sample's values; every raise is counted and sent."""
     results = []
-    alerts, threshold = streams.alerts, getattr(streams.twin.detector, "threshold", None)
+    alerts = streams.alerts
     tick = None
     for i, sample in enumerate(samples):
         tick = entry.stream.update(cores[i], sample.cpu_util_overall, sample.workload_type,
@@ -516,7 +533,8 @@ def _step(entry: Entry, stream_id: str, samples: list[Sample], cores: np.ndarray
             if c.event == "raise":
                 entry.series[c.target][1].inc()
         if alerts is not None:
-            tick_events(alerts, stream_id, entry.host, tick, threshold, sample.timestamp)
+            tick_events(alerts, stream_id, entry.host, tick, streams.twin.detectors,
+                        sample.timestamp)
         results.append({"timestamp": sample.timestamp, "prediction": _finite(tick.prediction),
                         "residual": _finite(tick.residual), "score": _finite(tick.score),
                         "alarm": tick.alarm, "event": tick.event, "cores": per_core})
@@ -590,9 +608,11 @@ def _document(app: FastAPI, described: list[APIRoute]) -> None:
 
 def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 300.0,
                max_body_bytes: int = 1_000_000, token: str | None = None,
-               alert_webhook: str | None = None) -> FastAPI:
+               alert_webhook: str | None = None, sign_key: str | bytes | None = None
+               ) -> FastAPI:
     """The service for one twin file.
 
+    sign_key: the key the twin must be signed with (HMAC-SHA256), checked at start-up.
     token: clients must send `Authorization: Bearer <token>` (all but /healthz).
     alert_webhook: URL that receives each alarm raise/clear (Alertmanager JSON)."""
     from cputwin.live.stream import OnlineTwin
@@ -605,7 +625,7 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        stack, detector, _ = open_twin(twin_path)
+        stack, detector, _ = open_twin(twin_path, sign_key)
         metrics = Metrics()
         alerts = (AlertSender(alert_webhook, counters=metrics.webhook)
                   if alert_webhook else None)
@@ -637,9 +657,14 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
     @app.get("/healthz")
     def healthz(request: Request) -> Health:
         state = request.app.state
-        return Health(status="ok", target=state.stack.target, targets=state.streams.twin.targets,
+        twin = state.streams.twin
+        return Health(status="ok", target=state.stack.target, targets=twin.targets,
                       mode=state.stack.mode, cores=state.stack.schema_.n_cores,
-                      streams=len(state.streams.items))
+                      streams=len(state.streams.items), detectors={
+                          core: CoreDetector(threshold=_finite(d.threshold),
+                                             power={w: _finite(p) for w, p in d.power.items()},
+                                             blind=sorted(d.blind_spots()))
+                          for core, d in twin.detectors.items()})
 
     @app.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **_errors(401)},
              response_class=Response)

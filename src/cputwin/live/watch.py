@@ -117,7 +117,7 @@ def watch(
                         "score": core.score, "residual": core.residual}) + "\n")
                     event_file.flush()
             if alerts is not None:
-                tick_events(alerts, "watch", host, tick, getattr(detector, "threshold", None),
+                tick_events(alerts, "watch", host, tick, twin.detectors,
                             row[TIMESTAMP])
             if recorder:
                 recorder.add(row, tick)
