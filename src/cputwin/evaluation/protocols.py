@@ -3,7 +3,7 @@
 honest: features per run; each run's first `train_fraction` trains, the rest tests;
         the meta-model sees only out-of-fold predictions (`TwinStack`).
 seed:   the seed notebook's exact procedure, flaws included, so its table can be
-        reproduced and its flaws measured (LINEAGE.md): all runs concatenated and
+        reproduced and its flaws measured (docs/seed-notebook.md): all runs concatenated and
         sorted by time, bases trained on their own random split with early stopping on
         the rows they are scored on, the two frames "aligned" by position, the
         meta-model fitted on in-sample predictions.
@@ -224,7 +224,7 @@ def evaluate_seed(
 
 
 def seed_audit(merged, run_of_row, frames, own, aligned, pos_tr, pos_te, meta_X_te, y_all, target):
-    """Measure each flaw LINEAGE.md names, on this data."""
+    """Measure each flaw docs/seed-notebook.md names, on this data."""
     from sklearn.metrics import r2_score
 
     ts = merged[TIMESTAMP].to_numpy()

@@ -146,7 +146,7 @@ class FeatureSpec:
             raise FeatureError(f"malformed feature spec: {exc}") from None
 
 
-# The seed's two sets, as the models actually saw them (LINEAGE.md): the overall load and
+# The seed's two sets, as the models actually saw them (docs/seed-notebook.md): the overall load and
 # the other cores now, the other cores' lags, the workload. The seed also computed overall
 # lags and rolling statistics but never fed them to the model; only the rows it dropped
 # for them survive, as min_history.

@@ -1,6 +1,6 @@
 """The telemetry schema shared by the collector, ingest, features and the twin artifact.
 
-It is the seed's schema (LINEAGE.md) generalised to any number of logical cores.
+It is the seed's schema (docs/seed-notebook.md) generalised to any number of logical cores.
 """
 
 from __future__ import annotations
