@@ -65,6 +65,8 @@ def test_single_row_prediction_equals_lightgbm(name, rows):
     expected = booster.predict(X, num_threads=1)
     got = np.array([model.predict_one(x) for x in X])
     np.testing.assert_array_equal(got, expected)
+    # a machine twin's tick: every row in one call, the rows the kernel leaves to LightGBM too
+    np.testing.assert_array_equal(model.predict_rows(X), expected)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

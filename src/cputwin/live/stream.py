@@ -136,20 +136,26 @@ class TwinStream:
         if any(r is None for r in rows):
             return Tick(None, None)
         bases, spec_of_base = self.twin.stack.bases_, self.twin.spec_of_base
+        if len(self.twin.targets) == 1:
+            preds = [base.predict_one(rows[j][0])
+                     for base, j in zip(bases, spec_of_base, strict=True)]
+            values = [self.meta.predict_one(preds, workload)]
+        else:  # every core at once: one call per base, one for the meta-model
+            matrix = np.column_stack([base.predict_rows(rows[j])
+                                      for base, j in zip(bases, spec_of_base, strict=True)])
+            values = self.meta.predict_rows(matrix, workload).tolist()
+            preds = matrix[0].tolist()
         per_core = []
         for t, target in enumerate(self.twin.targets):
-            preds = [base.predict_one(rows[j][t]) for base, j in zip(bases, spec_of_base, strict=True)]
-            value = self.meta.predict_one(preds, workload)
-            core = CoreTick(target, value)
+            core = CoreTick(target, values[t])
             if self.watch is not None:
-                core.residual = float(cores[self.target_index[t]]) - value
+                core.residual = float(cores[self.target_index[t]]) - values[t]
                 verdict = self.watch[t].update(core.residual, workload)
                 core.score, core.alarm, core.event = verdict.score, verdict.alarm, verdict.event
-            per_core.append((core, preds))
-        first, preds = per_core[0]
+            per_core.append(core)
+        first = per_core[0]
         return Tick(first.prediction, dict(zip(self.twin.names, preds, strict=True)),
-                    first.residual, first.score, first.alarm, first.event,
-                    [core for core, _ in per_core])
+                    first.residual, first.score, first.alarm, first.event, per_core)
 
 
 def replay(stack: TwinStack, frame: pl.DataFrame) -> np.ndarray:

@@ -72,6 +72,11 @@ class LinearMeta:
         return value if 0.0 <= value <= 100.0 else (0.0 if value < 0.0 else
                                                       100.0 if value > 100.0 else value)
 
+    def predict_rows(self, P: np.ndarray, workload: str) -> np.ndarray:
+        """Rows of base predictions that share one workload (a machine twin's tick)."""
+        group = workload if workload in self.weights else GLOBAL
+        return np.clip(self.intercepts[group] + P @ self.weights[group], 0.0, 100.0)
+
     @property
     def global_weights(self) -> dict[str, float]:
         return dict(zip(self.names, map(float, self.weights[GLOBAL]), strict=True))
