@@ -3,7 +3,9 @@ than other detectors?
 
     python bench/anomaly.py [--repeats 1] [--train-seconds 30] [--normal-seconds 22]
                             [--seconds 36] [--target-core 0] [--seed 0] [--bases B]
+                            [--source psutil|node_exporter] [--rate HZ]
                             [--keep DIR | --score DIR] [--json]
+    python bench/anomaly.py --source node_exporter --repeats 2   # 1 Hz, unlabelled
 
 Each of `--repeats` recordings is fresh, with its own seed (seed, seed + 1, …):
 1. training runs, one per built-in workload (`--train-seconds` each);
@@ -38,10 +40,14 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -136,15 +142,21 @@ class KindQueue:
         return self.pending.pop(0)
 
 
+def warmup_s(rate: float) -> float:
+    """Seconds before the first hidden load of a run: the collector's start and the twin's
+    feature history (30 ticks at `rate`), then a second of scores (WARMUP_S at 10 Hz)."""
+    return max(WARMUP_S, 1.0 + 30.0 / rate)
+
+
 def plan_run(seconds: float, kinds: KindQueue, target: int, n_cores: int,
-             rng: random.Random) -> list[dict]:
-    """Hidden loads for one injected run: as many as fit (each after WARMUP_S, GAP_S apart,
+             rng: random.Random, warmup: float = WARMUP_S) -> list[dict]:
+    """Hidden loads for one injected run: as many as fit (each after `warmup`, GAP_S apart,
     ending over END_S before the run stops), spread over the run with random slack."""
-    if seconds < WARMUP_S + END_S + LONGEST_S:
-        raise ValueError(f"injected runs need {WARMUP_S + END_S + LONGEST_S:.1f} s or more "
+    if seconds < warmup + END_S + LONGEST_S:
+        raise ValueError(f"injected runs need {warmup + END_S + LONGEST_S:.1f} s or more "
                          f"(--seconds {seconds:g})")
     chosen: list[dict] = []
-    used = WARMUP_S + END_S
+    used = warmup + END_S
     while True:
         kind = kinds.peek()
         duty, shortest, longest, on_target = KIND_SPECS[kind]
@@ -157,7 +169,7 @@ def plan_run(seconds: float, kinds: KindQueue, target: int, n_cores: int,
         chosen.append({"kind": kind, "core": core, "duty": duty, "length": length})
         used += need
     cuts = sorted(rng.uniform(0, seconds - used) for _ in chosen)
-    at, before = WARMUP_S, 0.0
+    at, before = warmup, 0.0
     for item, cut in zip(chosen, cuts, strict=True):
         at += cut - before
         before = cut
@@ -200,8 +212,70 @@ def record_set(folder: Path, seconds: float, plans: list[list[dict]] | None = No
     return events
 
 
+def record_unlabelled(folder: Path, seconds: float, url: str, rate: float,
+                      plan: list[dict] | None = None) -> list[Event]:
+    """What an operator's exporter gives: one unlabelled run of this machine scraped from
+    its node_exporter at `rate`, while the built-in workloads take turns (`seconds` each)
+    and, with `plan`, hidden loads run."""
+    from cputwin.telemetry.prometheus import NodeExporterSampler
+    from cputwin.telemetry.workloads import WorkloadProcess
+
+    events: list[Event] = []
+    stop = threading.Event()
+
+    def workloads() -> None:
+        for name in WORKLOADS:
+            proc = WorkloadProcess(WORKLOADS[name])
+            proc.start()
+            try:
+                if stop.wait(seconds):
+                    return
+            finally:
+                proc.stop()
+
+    threads = [threading.Thread(target=workloads, daemon=True)]
+    if plan is not None:
+        threads.append(threading.Thread(target=injector, args=(stop, plan, events), daemon=True))
+    sampler = NodeExporterSampler(url)
+    for thread in threads:
+        thread.start()
+    try:
+        Collector(rate=rate).record_from(sampler, seconds * len(WORKLOADS), folder)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    return events
+
+
+def node_exporter(folder: Path) -> tuple[subprocess.Popen, str]:
+    """Debian's prometheus-node-exporter on a free loopback port, and its /metrics URL."""
+    program = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
+    if program is None:
+        raise ValueError("--source node_exporter needs prometheus-node-exporter (Debian "
+                         "package prometheus-node-exporter)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(folder / "node_exporter.log", "wb")  # noqa: SIM115 (the process keeps it)
+    proc = subprocess.Popen([program, f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}/metrics"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise ValueError(f"{program} did not answer on {url}")
+
+
 def record(root: Path, seed: int, settings: dict, say) -> None:
-    """One fresh recording in `root`: train/, normal/, inject/, events.json, recording.json."""
+    """One fresh recording in `root`: train/, normal/, inject/, events.json, recording.json.
+    With settings["source"] == "node_exporter", each part is one unlabelled run scraped
+    from this machine's node_exporter at settings["rate"] (`record_unlabelled`)."""
     if (root / "events.json").exists():
         raise ValueError(f"{root}: holds a recording already; score it with --score")
     rng = random.Random(seed)
@@ -209,14 +283,31 @@ def record(root: Path, seed: int, settings: dict, say) -> None:
     if settings["target_core"] >= n_cores:
         raise ValueError(f"--target-core {settings['target_core']}: this machine has {n_cores} cores")
     kinds = KindQueue(rng)
-    plans = [plan_run(settings["seconds"], kinds, settings["target_core"], n_cores, rng)
-             for _ in WORKLOADS]
-    say(f"recording {root.name}: training runs")
-    record_set(root / "train", settings["train_seconds"])
-    say(f"recording {root.name}: held-out normal runs")
-    record_set(root / "normal", settings["normal_seconds"])
-    say(f"recording {root.name}: injected runs ({sum(map(len, plans))} hidden loads)")
-    events = record_set(root / "inject", settings["seconds"], plans)
+    if settings.get("source", "psutil") == "node_exporter":
+        root.mkdir(parents=True, exist_ok=True)
+        exporter, url = node_exporter(root)
+        try:
+            total = settings["seconds"] * len(WORKLOADS)
+            plan = plan_run(total, kinds, settings["target_core"], n_cores, rng,
+                            warmup_s(settings["rate"]))
+            for part, seconds, hidden in (("train", settings["train_seconds"], None),
+                                          ("normal", settings["normal_seconds"], None),
+                                          ("inject", settings["seconds"], plan)):
+                say(f"recording {root.name}: {part} (node_exporter at {settings['rate']:g} Hz"
+                    + (f", {len(plan)} hidden loads)" if hidden else ")"))
+                events = record_unlabelled(root / part, seconds, url, settings["rate"], hidden)
+        finally:
+            exporter.terminate()
+            exporter.wait(10)
+    else:
+        plans = [plan_run(settings["seconds"], kinds, settings["target_core"], n_cores, rng)
+                 for _ in WORKLOADS]
+        say(f"recording {root.name}: training runs")
+        record_set(root / "train", settings["train_seconds"])
+        say(f"recording {root.name}: held-out normal runs")
+        record_set(root / "normal", settings["normal_seconds"])
+        say(f"recording {root.name}: injected runs ({sum(map(len, plans))} hidden loads)")
+        events = record_set(root / "inject", settings["seconds"], plans)
     (root / "events.json").write_text(json.dumps([asdict(e) for e in events], indent=1))
     (root / "recording.json").write_text(json.dumps(
         {"seed": seed, **settings, "instrument": instrument()}, indent=1))
@@ -326,7 +417,8 @@ def score_recording(root: Path, bases: str | None, per_core: bool, say) -> dict:
     out: dict = {"recording": str(root), "seed": meta.get("seed"), "bases": bases,
                  "instrument": meta.get("instrument"),
                  "settings": {k: meta.get(k) for k in ("train_seconds", "normal_seconds",
-                                                       "seconds", "target_core")},
+                                                       "seconds", "target_core", "source",
+                                                       "rate")},
                  "normal_hours": hours, "cores": n_cores,
                  "events": {k: sum(e.kind == k for e in events) for k in KINDS},
                  "kinds": {k: {} for k in KINDS}, "false_alarms": {}, "thresholds": thresholds,
@@ -450,16 +542,26 @@ def main() -> None:
     where.add_argument("--keep", type=Path, help="keep the recordings in this folder")
     where.add_argument("--score", type=Path, help="score the recordings kept in this folder "
                                                   "again, without recording")
+    parser.add_argument("--source", choices=("psutil", "node_exporter"), default="psutil",
+                        help="psutil: labelled runs at --rate (10 Hz); node_exporter: "
+                             "this machine's node_exporter scraped at --rate (1 Hz), one "
+                             "unlabelled run per part while the workloads take turns")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="samples per second (default 10, or 1 with node_exporter)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    rate = args.rate or (1.0 if args.source == "node_exporter" else 10.0)
+    if args.source == "psutil" and rate != 10.0:
+        parser.error("--rate applies to --source node_exporter (psutil records at 10 Hz)")
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     settings = {"train_seconds": args.train_seconds, "normal_seconds": args.normal_seconds,
-                "seconds": args.seconds, "target_core": args.target_core}
+                "seconds": args.seconds, "target_core": args.target_core,
+                "source": args.source, "rate": rate}
     machine = instrument()
     say(f"instrument: {machine['logical_cores']} logical cores, {machine['cpu_model']}")
     warnings.simplefilter("ignore")

@@ -334,3 +334,33 @@ def test_alarms_on_relative_scores_are_the_detectors_own():
     own = [i for i, v in enumerate(verdicts) if v.event == "raise"]
     rel = np.array([v.score for v in verdicts]) / detector.threshold
     assert own and list(S.raises(rel, S.Alarm.of(detector))) == own
+
+
+def test_slower_sources_wait_for_the_twins_history_before_the_first_load():
+    assert A.warmup_s(10.0) == A.WARMUP_S
+    assert A.warmup_s(1.0) == 31.0  # 30 ticks of history at 1 Hz, then a second of scores
+    rng = random.Random(3)
+    plan = A.plan_run(120.0, A.KindQueue(rng), 0, 2, rng, A.warmup_s(1.0))
+    assert plan and plan[0]["offset"] >= 31.0
+    with pytest.raises(ValueError, match="injected runs need"):
+        A.plan_run(40.0, A.KindQueue(rng), 0, 2, rng, A.warmup_s(1.0))
+
+
+def test_an_unlabelled_run_is_scraped_from_the_real_node_exporter(tmp_path):
+    import shutil
+
+    if not (shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")):
+        pytest.skip("prometheus-node-exporter not installed (Debian package; .ci/run installs it)")
+    from cputwin.telemetry.ingest import load_runs
+    from cputwin.telemetry.schema import UNLABELLED
+
+    proc, url = A.node_exporter(tmp_path)
+    try:
+        A.record_unlabelled(tmp_path / "runs", 0.5, url, rate=4.0)  # the workloads take turns
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    frame = load_runs(tmp_path / "runs")
+    assert frame["run"].n_unique() == 1  # one run, as an exporter gives
+    assert frame["workload_type"].unique().to_list() == [UNLABELLED]
+    assert frame.height >= 0.5 * len(A.WORKLOADS) * 4.0 - 3
