@@ -10,6 +10,8 @@ from cputwin import TwinStack
 from cputwin.errors import ModelError
 from helpers import synthetic_run
 
+SEED_PAIR = {"bases": "seed", "meta_model": "ridge"}  # TwinStack's defaults are the CLI's
+
 # LightGBM that memorises its training rows: a row it trained on is predicted exactly.
 MEMORISE = {"objective": "regression", "n_estimators": 300, "learning_rate": 1.0,
             "num_leaves": 255, "min_child_samples": 1, "min_child_weight": 0.0,
@@ -43,7 +45,8 @@ def _memorised_rows(stack, frame):
 
 
 def _memorising(cls):
-    return cls(base_params={"v2.0": MEMORISE, "v2.3": MEMORISE}, early_stopping_fraction=0)
+    return cls(**SEED_PAIR, base_params={"v2.0": MEMORISE, "v2.3": MEMORISE},
+               early_stopping_fraction=0)
 
 
 def test_no_out_of_fold_row_was_seen_by_its_base_model():
@@ -58,7 +61,7 @@ def test_the_leak_check_catches_a_single_leaked_row():
 
 def test_fold_plan_is_forward_chaining_with_a_gap():
     frame = _noise_runs()
-    stack = TwinStack(base_params=FAST, early_stopping_fraction=0).fit(frame)
+    stack = TwinStack(**SEED_PAIR, base_params=FAST, early_stopping_fraction=0).fit(frame)
     runs = frame["run"].to_numpy()
     pos = frame.select(pl.int_range(pl.len()).over("run"))[:, 0].to_numpy()
     assert stack.gap_ >= stack.history_ == 29
@@ -76,7 +79,7 @@ def test_fold_plan_is_forward_chaining_with_a_gap():
 
 def test_meta_weights_intercept_and_params_are_exposed():
     frame = _noise_runs()
-    stack = TwinStack(base_params=FAST, early_stopping_fraction=0).fit(frame)
+    stack = TwinStack(**SEED_PAIR, base_params=FAST, early_stopping_fraction=0).fit(frame)
     assert set(stack.meta_weights_) == {"v2.0", "v2.3"}
     assert isinstance(stack.meta_intercept_, float)
     assert stack.get_params()["n_folds"] == 3
@@ -87,14 +90,14 @@ def test_meta_weights_intercept_and_params_are_exposed():
 
 def test_predict_is_nan_until_history_then_defined():
     frame = _noise_runs(n_runs=1)
-    stack = TwinStack(base_params=FAST, early_stopping_fraction=0).fit(frame)
+    stack = TwinStack(**SEED_PAIR, base_params=FAST, early_stopping_fraction=0).fit(frame)
     pred = stack.predict(frame)
     assert np.isnan(pred[: stack.history_]).all()
     assert np.isfinite(pred[stack.history_:]).all()
 
 
 def test_stack_learns_a_real_signal(sample_frame):
-    stack = TwinStack(base_params=FAST, target="cpu_util_core_1").fit(sample_frame)
+    stack = TwinStack(**SEED_PAIR, base_params=FAST, target="cpu_util_core_1").fit(sample_frame)
     assert stack.score(sample_frame) > 0.5
 
 
@@ -118,7 +121,8 @@ def test_bad_parameters_are_rejected_in_fit(params, fragment):
 def test_predict_before_fit_and_wrong_core_count():
     with pytest.raises(ModelError, match="not fitted"):
         TwinStack().predict(_noise_runs(n_runs=1))
-    stack = TwinStack(base_params=FAST, early_stopping_fraction=0).fit(_noise_runs(n_runs=1))
+    stack = TwinStack(**SEED_PAIR, base_params=FAST, early_stopping_fraction=0).fit(
+        _noise_runs(n_runs=1))
     other = synthetic_run(cores=2).with_columns(pl.lit("x").alias("run"))
     with pytest.raises(ModelError, match="trained on 4 cores, data has 2"):
         stack.predict(other)

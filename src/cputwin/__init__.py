@@ -16,6 +16,8 @@ _EXPORTS = {
     "get_spec": "cputwin.features",
     "TwinStack": "cputwin.models",
     "load_runs": "cputwin.telemetry.ingest",
+    "load_twin": "cputwin.artifact",
+    "save_twin": "cputwin.artifact",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -8,32 +8,151 @@ Progress goes to stderr, so `--json` leaves exactly one JSON object on stdout.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import re
 import signal
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from typer._click.exceptions import UsageError  # typer's own click (typer is pinned)
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from cputwin import __version__
 from cputwin.errors import CputwinError
 
+out = Console()
+err = Console(stderr=True)
+
+# The choices the parser checks. The library's own tuples (protocols, modes, meta-model
+# kinds, workloads) load heavy modules; tests/test_cli_conventions.py keeps these equal.
+ProtocolName = Literal["honest", "seed", "both"]
+ModeName = Literal["sensor", "independent"]
+MetaName = Literal["auto", "ridge", "nnls", "best", "average", "top_mean", "per_workload"]
+WorkloadName = Literal["all", "cpu_bound", "io_bound", "memory_bound", "mixed_workload",
+                       "network_bound", "idle"]
+
+# Old spellings of renamed options: still accepted (documented commands keep working).
+HIDDEN_ALIASES = {
+    "collect": {"--out": "--output"},
+    "demo": {"--out": "--output"},
+    "evaluate": {"--report": "--output"},
+    "watch": {"--record": "--output"},
+}
+TYPE_METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", Path: "PATH"}
+MAX_CHOICES_WIDTH = 22  # longer choice lists go into the help text, which wraps at words
+
+
+def metavar(param) -> str:
+    """The usual metavar: DATA... for arguments, [a|b] for choices, TEXT/INTEGER/FLOAT/PATH
+    for values, nothing for flags."""
+    if isinstance(param, TyperArgument):
+        return param.name.upper() + ("..." if param.nargs != 1 else "")
+    if param.is_flag:
+        return ""
+    kind = param.type_descriptor
+    if kind.is_choice:
+        choices = [str(getattr(c, "value", c)) for c in kind.choices]
+        if len("|".join(choices)) <= MAX_CHOICES_WIDTH:
+            return "[" + "|".join(choices) + "]"
+        param.help = f"{param.help or ''} One of: {', '.join(choices)}.".strip()
+        return param.name.upper()
+    annotation = kind.annotation
+    if get_args(annotation):  # list[str]: a repeatable option
+        annotation = get_args(annotation)[0]
+    return TYPE_METAVARS.get(annotation, "VALUE")
+
+
+class UsualHelp:
+    """Help with the usual metavars (`metavar`), and a docstring's paragraphs rewrapped."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.help:  # a docstring's line breaks are not the help's: rich wraps paragraphs
+            self.help = re.sub(r"(?<!\n)\n(?!\n)", " ", inspect.cleandoc(self.help))
+
+    def get_params(self, ctx) -> list:
+        params = super().get_params(ctx)  # with --help and the completion options
+        for param in params:
+            _usual_metavar(param)
+        return params
+
+
+def _usual_metavar(param) -> None:
+    if param.metavar is None:
+        param.metavar = metavar(param)
+    if isinstance(param, TyperArgument):  # the name column already says DATA...
+        param.display_type_rich = lambda ctx: None
+
+
+class Command(UsualHelp, TyperCommand):
+    """A command with the usual help and a plain usage line, which still accepts the old
+    spelling of a renamed option (HIDDEN_ALIASES)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [p.metavar if p.required else f"[{p.metavar}]"
+                         for p in self.get_params(ctx) if isinstance(p, TyperArgument)]
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        aliases = HIDDEN_ALIASES.get(self.name or "", {})
+        return super().parse_args(ctx, [_unalias(a, aliases) for a in args])
+
+
+def _unalias(arg: str, aliases: dict[str, str]) -> str:
+    name, eq, value = arg.partition("=")
+    return aliases[name] + eq + value if name in aliases else arg
+
+
+class Group(UsualHelp, TyperGroup):
+    """The command group: a usage mistake (a bad choice, a missing argument, an unknown
+    option) is one line on stderr and exit code 2, as every other bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already shown
+                sys.exit(exc.exit_code)
+            where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+            problem = exc.format_message().replace("Value error, ", "")
+            complain(f"error: {where}{problem[:1].lower()}{problem[1:]}")
+            sys.exit(2)
+        except typer.Abort:
+            complain("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def say(text: str) -> None:
+    """Prose on stdout, wrapped at words to the terminal's width (80 when piped)."""
+    out.print(text, markup=False, highlight=False)
+
+
+def complain(text: str) -> None:
+    """An error or warning on stderr: wrapped at words on a terminal; one line when piped,
+    so scripts (and tests) read one problem per line."""
+    err.print(text, markup=False, highlight=False, soft_wrap=not err.is_terminal)
+
+
 app = typer.Typer(
     help="A digital twin of a machine's CPU cores, learned from per-core telemetry.",
+    cls=Group,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 DataArg = Annotated[list[str], typer.Argument(
     help="Telemetry runs (.parquet, .csv, Telegraf .lp/.influx): files, folders or globs.")]
@@ -45,7 +164,9 @@ FromOpt = Annotated[str | None, typer.Option(
     help="Read a remote host through its node_exporter (http://HOST:9100/metrics) instead "
          "of this machine.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, nothing else.")]
-TargetOpt = Annotated[str, typer.Option(help="Core column to twin (evaluate: or 'all').")]
+TargetOpt = Annotated[str, typer.Option(
+    help="The core to twin: its number (3), its column (cpu_util_core_3), or all (the "
+         "machine twin: every core).")]
 MaxRoundsOpt = Annotated[int | None, typer.Option(
     "--max-rounds", min=1, help="Cap every LightGBM base's boosting rounds (large data).")]
 Float32Opt = Annotated[bool, typer.Option(
@@ -67,15 +188,15 @@ HostCategoryOpt = Annotated[bool, typer.Option(
 BasesOpt = Annotated[str, typer.Option(
     help="Base models: a preset (twin, seed, portable, detect, detect_wcpu) or a "
          "comma-separated list of bases.")]
-ModeOpt = Annotated[str, typer.Option(
+ModeOpt = Annotated[ModeName, typer.Option(
     help="sensor: may read all but the target core; independent: nothing containing it.")]
 SignKeyOpt = Annotated[str | None, typer.Option(
     "--sign-key", envvar="CPUTWIN_SIGN_KEY", show_envvar=True, show_default=False,
     help="Signing key: train signs the twin (HMAC-SHA256); predict, watch and serve "
          "refuse a twin not signed with it (docs/bad-input.md).")]
-MetaOpt = Annotated[str | None, typer.Option(
-    help="Meta-model: auto, ridge, nnls, best, average, per_workload (default: ridge for "
-         "the seed preset, auto otherwise).")]
+MetaOpt = Annotated[MetaName | None, typer.Option(
+    help="Meta-model (default: ridge for the seed preset, auto otherwise).",
+    show_default=False)]
 
 
 def positive(name: str, value: float | None, most: float = math.inf) -> float | None:
@@ -100,6 +221,13 @@ def _bases(value: str) -> str | list[str]:
     return value if value in PRESETS else [b.strip() for b in value.split(",") if b.strip()]
 
 
+def _target(value: str) -> str:
+    """A core number (3) names its column (cpu_util_core_3); a column or `all` stays."""
+    from cputwin.telemetry.schema import core_column
+
+    return core_column(int(value)) if value.isdecimal() else value
+
+
 def _stack_options(bases: str, mode: str, meta: str | None, host_category: bool,
                    max_rounds: int | None, float32: bool) -> dict:
     """The options `pipeline.make_stack` takes, from the flags evaluate and train share."""
@@ -118,15 +246,14 @@ def cli_errors(writes: Path | None = None, hint: str = "") -> Iterator[None]:
             yield
         except CputwinError as exc:
             _show_warnings(caught)
-            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            complain(f"error: {exc}")
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
             from cputwin.output import reason
 
             _show_warnings(caught)
             where = writes if writes is not None else exc.filename or "output"
-            err.print(f"error: {where}: {reason(exc)}{hint}", markup=False, highlight=False,
-                      soft_wrap=True)
+            complain(f"error: {where}: {reason(exc)}{hint}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted", highlight=False)
@@ -140,7 +267,7 @@ def _show_warnings(caught) -> None:
         msg = str(w.message)
         if msg not in seen and not issubclass(w.category, DeprecationWarning):
             seen.add(msg)
-            err.print(f"warning: {msg}", markup=False, highlight=False, soft_wrap=True)
+            complain(f"warning: {msg}")
 
 
 @contextmanager
@@ -175,24 +302,32 @@ def _fmt(v: float) -> str:
 
 
 def render_summary(summary: dict) -> None:
-    table = Table(title=f"{summary['protocol']} protocol · target {summary['target']} · "
-                        f"mode {summary.get('mode', 'sensor')} · rows train "
-                        f"{summary['rows']['train']}, test {summary['rows']['test']}")
+    table = Table(title=f"{summary['protocol']} protocol · {summary['target']} · "
+                        f"{summary.get('mode', 'sensor')} mode",
+                  caption=f"rows: train {summary['rows']['train']}, test "
+                          f"{summary['rows']['test']}")
     table.add_column("model")
     for col in ("R²", "MAE", "RMSE"):
         table.add_column(col, justify="right")
     for m in summary["r2"]:
         table.add_row(m, _fmt(summary["r2"][m]), _fmt(summary["mae"][m]), _fmt(summary["rmse"][m]))
     out.print(table)
-    out.print(group_table("workload", summary["per_workload"], list(summary["r2"])))
+    from cputwin.evaluation.report import result_line, workload_notes
+
+    for part in group_tables("workload", summary["per_workload"], list(summary["r2"])):
+        out.print(part)
     if len(summary.get("per_host", {})) > 1:
-        out.print(group_table("host", summary["per_host"], list(summary["r2"])))
+        for part in group_tables("host", summary["per_host"], list(summary["r2"])):
+            out.print(part)
     weights = " / ".join(f"{k} {v:.4f}" for k, v in summary["meta"]["weights"].items())
     kind = summary["meta"].get("kind", "ridge")
-    out.print(f"meta-model {kind}: weights {weights}; intercept {summary['meta']['intercept']:.4f}")
+    say(f"meta-model {kind}: weights {weights}; intercept "
+        f"{summary['meta']['intercept']:.4f}")
     if "timing" in summary:
-        out.print(timing_line(summary["timing"]), highlight=False)
-    out.print(summary["verdict"], style="bold", highlight=False)
+        say(timing_line(summary["timing"]))
+    say(result_line(summary))
+    for note in workload_notes(summary):
+        say(note)
 
 
 def timing_line(timing: dict) -> str:
@@ -207,21 +342,37 @@ def timing_line(timing: dict) -> str:
             f"{span('longest_window')}): {rate}")
 
 
-def group_table(group: str, entries: dict, models: list[str]) -> Table:
-    """R² of every model for each value of a group (workload, host)."""
-    table = Table(title=f"R² per {group}")
-    table.add_column(group)
+def group_tables(group: str, entries: dict, models: list[str]) -> list[Table]:
+    """R² of every model for each value of a group (workload, host), split into as many
+    tables as it takes for each to fit the terminal's width."""
+    first = max(len(group), *(len(name) for name in entries)) + 3  # text and its borders
+    parts, width = [[]], first + 1
     for m in models:
-        table.add_column(m, justify="right")
-    for name, entry in entries.items():
-        table.add_row(name, *[_fmt(entry["r2"].get(m)) for m in models])
-    return table
+        need = max(len(m), 7) + 3
+        if parts[-1] and width + need > out.width:
+            parts.append([])
+            width = first + 1
+        parts[-1].append(m)
+        width += need
+    tables = []
+    for i, chunk in enumerate(parts):
+        more = f" ({i + 1} of {len(parts)})" if len(parts) > 1 else ""
+        table = Table(title=f"R² per {group}{more}")
+        table.add_column(group, no_wrap=True)
+        for m in chunk:
+            table.add_column(m, justify="right", no_wrap=True)
+        for name, entry in entries.items():
+            table.add_row(name, *[_fmt(entry["r2"].get(m)) for m in chunk])
+        tables.append(table)
+    return tables
 
 
-@app.command()
+@app.command(cls=Command)
 def evaluate(
     data: DataArg,
-    protocol: Annotated[str, typer.Option(help="honest, seed, or both side by side.")] = "honest",
+    protocol: Annotated[ProtocolName, typer.Option(
+        help="honest (each run's past trains, its future tests), seed (the notebook's "
+             "random split), or both side by side.")] = "honest",
     target: TargetOpt = "cpu_util_core_0",
     mode: ModeOpt = "sensor",
     bases: BasesOpt = "twin",
@@ -229,7 +380,8 @@ def evaluate(
     train_fraction: Annotated[float, typer.Option(help="Share of each run that trains.")] = 0.8,
     test: Annotated[list[str] | None, typer.Option(
         help="Score on these runs (another machine) after training on all of DATA.")] = None,
-    report: Annotated[Path | None, typer.Option(help="Write an HTML report into this folder.")] = None,
+    report: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write an HTML report (report.html) into this folder.")] = None,
     host_category: HostCategoryOpt = False,
     max_rounds: MaxRoundsOpt = None,
     float32: Float32Opt = False,
@@ -247,6 +399,7 @@ def evaluate(
     with cli_errors(), spinner() as progress:
         from cputwin import pipeline
 
+        target = _target(target)
         summary, _ = pipeline.evaluate(
             data, protocol, target, train_fraction, report, progress, test_data=test or None,
             dask=dask, per_host=per_host, jobs=jobs, columns=_columns(columns),
@@ -268,7 +421,7 @@ def evaluate(
         for k, v in summary["audit"].items():
             out.print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
     if report:
-        out.print(f"report: {report / 'report.html'}")
+        out.print(f"report: {report / 'report.html'}", soft_wrap=True, highlight=False)
 
 
 def render_fleet(result: dict) -> None:
@@ -294,20 +447,15 @@ def render_failed(failed: dict) -> None:
 
 def render_targets(summary: dict) -> None:
     first = next(iter(summary["targets"].values()))
-    table = Table(title=f"{first['protocol']} protocol · mode {first['mode']} · every core")
-    table.add_column("target")
-    models = list(first["r2"])
-    for m in models:
-        table.add_column(m, justify="right")
-    for name, s in summary["targets"].items():
-        table.add_row(name, *[_fmt(s["r2"][m]) for m in models])
-    out.print(table)
+    say(f"{first['protocol']} protocol, mode {first['mode']}, every core:")
+    for table in group_tables("target", summary["targets"], list(first["r2"])):
+        out.print(table)
     m = summary["mean"]
     out.print(f"mean over {len(summary['targets'])} cores (stack): R² {m['r2']:.4f}, "
               f"MAE {m['mae']:.3f}, RMSE {m['rmse']:.3f}")
 
 
-@app.command()
+@app.command(cls=Command)
 def train(
     data: DataArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Twin file to write.")],
@@ -333,6 +481,7 @@ def train(
     with cli_errors(), spinner() as progress:
         from cputwin import pipeline
 
+        target = _target(target)
         result = pipeline.train(
             data, output, target, progress, per_host=per_host, dask=dask, jobs=jobs,
             sign_key=sign_key, columns=_columns(columns),
@@ -357,7 +506,7 @@ def train(
         raise typer.Exit(1 if result["failed"] else 0)
 
 
-@app.command()
+@app.command(cls=Command)
 def predict(
     twin: Annotated[Path, typer.Argument(help="A .cputwin file.")],
     data: DataArg,
@@ -425,15 +574,16 @@ def record_remote(url: str, seconds: float, rate: float, out_dir: Path, label: s
 KEPT_AS_PARTS = " (the samples written so far stay in <run>.parts: `cputwin recover` them)"
 
 
-@app.command()
+@app.command(cls=Command)
 def collect(
-    workload: Annotated[str | None, typer.Option(
+    workload: Annotated[WorkloadName | None, typer.Option(
         help="A built-in workload, or 'all' (the default without --from).",
         show_default=False)] = None,
     seconds: Annotated[float, typer.Option(help="Seconds per workload.")] = 30.0,
     rate: Annotated[float | None, typer.Option(
         help="Samples per second (default 10; with --from, 1).", show_default=False)] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the runs.")] = Path("telemetry"),
+    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for the runs.")] = Path(
+        "telemetry"),
     source: FromOpt = None,
     label: Annotated[str | None, typer.Option(
         help="With --from: the workload label of the rows (default: unlabelled).")] = None,
@@ -466,12 +616,12 @@ def collect(
                         for r in results]})
 
 
-import_app = typer.Typer(help="Import telemetry kept elsewhere as cputwin runs.",
+import_app = typer.Typer(help="Import telemetry kept elsewhere as cputwin runs.", cls=Group,
                         no_args_is_help=True)
 app.add_typer(import_app, name="import")
 
 
-@import_app.command("prometheus")
+@import_app.command("prometheus", cls=Command)
 def import_prometheus(
     url: Annotated[str, typer.Argument(help="The Prometheus server, e.g. http://prom:9090.")],
     instance: Annotated[str, typer.Option(help="The node_exporter's instance label "
@@ -507,7 +657,7 @@ def import_prometheus(
     out.print(f"{len(paths)} runs of {instance}, {frame.height} rows", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def recover(
     parts: Annotated[Path, typer.Argument(help="The <run>.parts folder a killed collect left.")],
     as_json: JsonOpt = False,
@@ -523,12 +673,13 @@ def recover(
     out.print(f"{path} ({rows} samples, recovered)")
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(
     live: Annotated[bool, typer.Option(help="Record fresh telemetry of this machine first.")] = False,
     seconds: Annotated[float, typer.Option(
         help="With --live: seconds per workload (20 or more: the honest split needs history).")] = 30.0,
-    out_dir: Annotated[Path, typer.Option("--out", help="Where to write.")] = Path("cputwin-demo"),
+    out_dir: Annotated[Path, typer.Option(
+        "--output", "-o", help="Folder for the report and the twin.")] = Path("cputwin-demo"),
     as_json: JsonOpt = False,
 ) -> None:
     """Train and evaluate honestly on the embedded sample (or, with --live, on this machine)."""
@@ -536,20 +687,38 @@ def demo(
 
     with cli_errors(out_dir):
         positive("--seconds", seconds)
+        from cputwin import pipeline
+        from cputwin.output import check_folder
+
+        check_folder(out_dir)  # a folder it cannot write fails before the announcement
+        workloads = expand_workloads("all")
+        plan = pipeline.demo_estimate(len(workloads) * seconds * DEMO_RATE if live else None)
+        recording = (f"recording {len(workloads)} workloads × {seconds:g} s "
+                     f"({len(workloads) * seconds / 60:.1f} min), then " if live else "")
+        complain(f"demo: {recording}one fit of the twin on {plan['train_rows']} rows, about "
+                 f"{_duration(plan['seconds'])} on this machine")
         data = None
         if live:
             data = out_dir / "telemetry"
-            record_workloads(expand_workloads("all"), seconds, 10.0, data, announce=not as_json)
-        from cputwin import pipeline
-
+            record_workloads(workloads, seconds, DEMO_RATE, data, announce=not as_json)
         with spinner() as progress:
             result = pipeline.demo(out_dir, data, progress)
     if as_json:
         _json({**result.summary, "report": str(result.report), "twin": str(result.twin)})
         return
-    out.print(f"data: {result.data}")
+    out.print(f"data: {result.data}", soft_wrap=True, highlight=False)
     render_summary(result.summary)
-    out.print(f"report: {result.report}\ntwin:   {result.twin}")
+    out.print(f"report: {result.report}", soft_wrap=True, highlight=False)
+    out.print(f"twin:   {result.twin}", soft_wrap=True, highlight=False)
+    say(f"(the twin the report scores: trained on each run's first "
+        f"{pipeline.DEMO_TRAIN_FRACTION:.0%})")
+
+
+DEMO_RATE = 10.0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -560,7 +729,7 @@ def sparkline(values: list[float]) -> str:
                    for v in values)
 
 
-@app.command()
+@app.command(cls=Command)
 def watch(
     twin: Annotated[Path, typer.Argument(help="A .cputwin file trained on this kind of machine.")],
     workload: Annotated[str | None, typer.Option(
@@ -571,6 +740,7 @@ def watch(
     rate: Annotated[float | None, typer.Option(
         help="Samples per second (default 10; with --from, 1).", show_default=False)] = None,
     record: Annotated[Path | None, typer.Option(
+        "--output", "-o",
         help="Write telemetry, predictions, scores and alarms to parquet in this folder.")] = None,
     events: Annotated[Path | None, typer.Option(
         help="Append each alarm raise/clear to this file as a JSON line.")] = None,
@@ -637,7 +807,9 @@ def watch(
                         f"observed {row[stack.target]:6.1f}   twin {twin_v}   residual {resid}   "
                         f"score {score} / {detector.threshold if detector else float('nan'):.2f}"
                         f"   {state}\n"
-                        f"observed {sparkline(list(observed))}\n"
+                        + (f"alarms within 2 s on {_points(detector.power_for(workload))} "
+                           "points of extra load\n" if detector else "")
+                        + f"observed {sparkline(list(observed))}\n"
                         f"twin     {sparkline(list(predicted))}")
                 live.update(Panel(body, title="cputwin watch · Ctrl-C to stop"), refresh=True)
 
@@ -671,7 +843,8 @@ def _points(value: float) -> str:
 def machine_panel(row: dict, tick, detectors: dict | None, mode: str, workload: str) -> str:
     """One line per core: observed, twin, residual, score against its threshold, state."""
     lines = [f"machine twin ({mode}, workload {workload})",
-             f"{'core':<8}{'observed':>9}{'twin':>8}{'resid':>8}{'score':>8}{'thr':>7}  state"]
+             f"{'core':<8}{'observed':>9}{'twin':>8}{'resid':>8}{'score':>8}{'thr':>7}"
+             f"{'sees':>6}  state"]
     by_core = {c.target: c for c in tick.cores}
     for name in sorted((c for c in row if c.startswith("cpu_util_core_")),
                        key=lambda c: int(c.rsplit("_", 1)[1])):
@@ -681,15 +854,17 @@ def machine_panel(row: dict, tick, detectors: dict | None, mode: str, workload: 
             lines.append(f"{short:<8}{row[name]:9.1f}{'…':>8}")
             continue
         thr = detectors[name].threshold if detectors else float("nan")
+        sees = _points(detectors[name].power_for(workload)) if detectors else "-"
         resid = "" if core.residual is None else f"{core.residual:+8.1f}"
         score = "" if core.score is None else f"{core.score:8.2f}"
         state = "[bold red]ALARM[/]" if core.alarm else "[green]ok[/]"
         lines.append(f"{short:<8}{row[name]:9.1f}{core.prediction:8.1f}{resid:>8}{score:>8}"
-                     f"{thr:7.2f}  {state}")
+                     f"{thr:7.2f}{sees:>6}  {state}")
+    lines.append("sees: the smallest sustained extra load (points) that alarms within 2 s")
     return "\n".join(lines)
 
 
-@app.command()
+@app.command(cls=Command)
 def serve(
     twin: Annotated[Path, typer.Argument(help="A .cputwin file.")],
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
@@ -714,7 +889,7 @@ def serve(
 
         open_twin(twin, sign_key)  # a bad file fails here, in one line, before the server starts
         app_ = service.create_app(twin, max_streams, stream_ttl, max_body, token or None,
-                                  _webhook(alert_webhook))
+                                  _webhook(alert_webhook), sign_key)
         sock = service.bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     err.print(f"serving {twin} on http://{shown}:{port} (Ctrl-C to stop)", highlight=False)

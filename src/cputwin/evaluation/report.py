@@ -1,11 +1,18 @@
-"""A self-contained HTML report (PNG plots inlined as base64) for one or two protocols."""
+"""A self-contained HTML report (PNG plots inlined as base64) for one or two protocols,
+and the plain-words lines the CLI prints under its tables (`result_line`,
+`workload_notes`): one wording for both."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import math
+import shlex
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -13,7 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
+from cputwin import __version__  # noqa: E402
 from cputwin.evaluation.protocols import SEED_SETS, Evaluation  # noqa: E402
 from cputwin.output import write_atomic  # noqa: E402
 from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD  # noqa: E402
@@ -26,19 +35,36 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+LOW_R2 = 0.5  # below this, a workload's R² gets a line saying why
+R2_FLOOR = -1.0  # bars below it are clipped (and marked) so one bad workload keeps the scale
+GAP_STEPS = 3.0  # a step this many times the run's median step is a gap, not a line
+
+
+def with_gaps(t: np.ndarray, *series: np.ndarray) -> tuple[np.ndarray, ...]:
+    """`t` and `series` with a NaN inserted at every time gap, so a plotted line breaks
+    there instead of drawing a straight line across time that has no samples."""
+    if t.size < 3:
+        return (t, *series)
+    dt = np.diff(t)
+    cut = np.flatnonzero(dt > GAP_STEPS * np.median(dt)) + 1
+    return tuple(np.insert(np.asarray(x, float), cut, np.nan) for x in (t, *series))
+
+
 def plot_over_time(pred: pl.DataFrame, title: str) -> str:
+    """One panel per run (runs are never joined); gaps within a run break the line."""
     runs = pred[RUN_COLUMN].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(len(runs), 1, figsize=(11, 2.0 * len(runs)), squeeze=False,
                              layout="constrained")
     for ax, run in zip(axes[:, 0], runs, strict=True):
         part = pred.filter(pl.col(RUN_COLUMN) == run).sort(TIMESTAMP)
-        t = part[TIMESTAMP].to_numpy() - part[TIMESTAMP][0]
-        ax.plot(t, part["actual"].to_numpy(), lw=0.8, label="actual", color="black")
-        ax.plot(t, part["stack"].to_numpy(), lw=0.8, label="twin (stack)", color="tab:orange")
+        t, actual, twin = with_gaps(part[TIMESTAMP].to_numpy() - part[TIMESTAMP][0],
+                                    part["actual"].to_numpy(), part["stack"].to_numpy())
+        ax.plot(t, actual, lw=0.8, label="actual", color="black")
+        ax.plot(t, twin, lw=0.8, label="twin (stack)", color="tab:orange")
         ax.set_title(f"{run} ({part[WORKLOAD][0]})", fontsize=9)
-        ax.set_ylabel("%")
+        ax.set_ylabel("core use (%)")
     axes[0, 0].legend(loc="upper right", fontsize=8)
-    axes[-1, 0].set_xlabel("seconds into the test period")
+    axes[-1, 0].set_xlabel("time since the run's first test row (s)")
     fig.suptitle(title)
     return _png(fig)
 
@@ -47,8 +73,8 @@ def plot_scatter(pred: pl.DataFrame, title: str) -> str:
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(pred["actual"], pred["stack"], s=3, alpha=0.4)
     ax.plot([0, 100], [0, 100], color="grey", lw=0.8)
-    ax.set_xlabel("actual %")
-    ax.set_ylabel("twin %")
+    ax.set_xlabel("actual core use (%)")
+    ax.set_ylabel("twin's prediction (%)")
     ax.set_title(title)
     return _png(fig)
 
@@ -57,24 +83,84 @@ def plot_residuals(pred: pl.DataFrame, title: str) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist((pred["actual"] - pred["stack"]).to_numpy(), bins=60, color="tab:blue")
     ax.set_xlabel("residual: actual − twin (percentage points)")
+    ax.set_ylabel("test rows")
     ax.set_title(title)
     return _png(fig)
 
 
 def plot_r2_per_workload(summary: dict, title: str) -> str:
+    """Bars of R² per workload and model; a bar below R2_FLOOR is cut there, hatched and
+    labelled with its value; a missing R² (n/a) is labelled so."""
     wls = list(summary["per_workload"])
     models = list(summary["r2"])
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(11, 4), layout="constrained")
     width = 0.8 / len(models)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = []
     for i, m in enumerate(models):
-        vals = [max(summary["per_workload"][w]["r2"].get(m, np.nan), -1.0) for w in wls]
-        ax.bar(np.arange(len(wls)) + i * width, vals, width, label=m)
+        colour = colours[i % len(colours)]
+        raw = np.array([_number(summary["per_workload"][w]["r2"].get(m)) for w in wls])
+        x = np.arange(len(wls)) + i * width
+        bars = ax.bar(x, np.where(np.isnan(raw), 0.0, np.maximum(raw, R2_FLOOR)), width,
+                      color=colour)
+        for bar, xi, value in zip(bars, x, raw, strict=True):
+            if value < R2_FLOOR:
+                bar.set_hatch("//")
+                bar.set_edgecolor("white")
+            if value < R2_FLOOR or np.isnan(value):
+                ax.annotate("n/a" if np.isnan(value) else f"{value:.1f}",
+                            (xi, 0.02 if np.isnan(value) else R2_FLOOR + 0.02),
+                            ha="center", va="bottom", rotation=90, fontsize=6)
+        handles.append(Patch(facecolor=colour, label=m))
+    handles.append(Patch(facecolor="grey", hatch="//", edgecolor="white",
+                         label=f"below {R2_FLOOR:g}: cut, value written"))
     ax.set_xticks(np.arange(len(wls)) + 0.4 - width / 2, wls, rotation=20, fontsize=8)
     ax.axhline(0, color="grey", lw=0.6)
-    ax.set_ylabel("R² (clipped at −1)")
+    ax.set_ylim(R2_FLOOR - 0.05, 1.05)
+    ax.set_ylabel("R² (no unit; 1 is perfect)")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def result_line(summary: dict, model: str = "stack") -> str:
+    """The headline in plain words: the model's scores on the test rows, nothing more."""
+    return (f"{model}: R² {_number(summary['r2'][model]):.4f}, MAE "
+            f"{_number(summary['mae'][model]):.3f} and RMSE "
+            f"{_number(summary['rmse'][model]):.3f} percentage points, over "
+            f"{summary['rows']['test']} test rows ({summary['protocol']} protocol).")
+
+
+def spread(r2: float, rmse: float) -> float:
+    """The target's standard deviation over the scored rows, from R² = 1 − MSE / variance."""
+    return rmse / math.sqrt(1 - r2) if r2 < 1 else float("nan")
+
+
+def workload_notes(summary: dict, model: str = "stack") -> list[str]:
+    """Why a workload's R² is low or missing, in this data's own figures."""
+    overall = spread(_number(summary["r2"][model]), _number(summary["rmse"][model]))
+    notes = []
+    for name, entry in summary["per_workload"].items():
+        r2, rmse = _number(entry["r2"].get(model)), _number(entry["rmse"].get(model))
+        if math.isnan(r2):
+            notes.append(
+                f"{name}: R² n/a: the core held one value over its {entry['rows']} test rows "
+                f"(R² is undefined when nothing varies); MAE {_number(entry['mae'].get(model)):.3f}"
+                " points says how close the twin stayed." if entry["rows"] >= 2 else
+                f"{name}: R² n/a: fewer than 2 test rows.")
+        elif r2 < LOW_R2:
+            sd = spread(r2, rmse)
+            why = (f"the core varies little within it (sd {sd:.2f} points, against "
+                   f"{overall:.2f} over all test rows), so an error of RMSE {rmse:.2f} points "
+                   "is a large share of that variation" if sd < overall / 2 else
+                   f"the twin misses much of its variation (RMSE {rmse:.2f} points against "
+                   f"an sd of {sd:.2f})")
+            notes.append(f"{name}: R² {r2:.2f} is low: {why}.")
+    return notes
 
 
 def metrics_table(summary: dict) -> str:
@@ -91,7 +177,8 @@ def metrics_table(summary: dict) -> str:
         f"rows train {summary['rows']['train']}, test {summary['rows']['test']}</p>"
         "<table><tr><th>model</th><th>R²</th><th>MAE</th><th>RMSE</th></tr>"
         f"{rows}</table><p>meta weights: {weights}; intercept "
-        f"{summary['meta']['intercept']:.4f}</p><p><b>{html.escape(summary['verdict'])}</b></p>"
+        f"{summary['meta']['intercept']:.4f}</p><p>{html.escape(result_line(summary))}</p>"
+        + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in workload_notes(summary))
     )
 
 
@@ -150,8 +237,23 @@ def honest_comparison(seed: dict, honest: dict, bases: list[str]) -> str:
             "same pair honestly.")
 
 
-def write_report(out_dir: Path, evaluations: list[Evaluation], title: str) -> Path:
-    """Write `report.html` into `out_dir` and return its path."""
+def provenance(data: Any) -> str:
+    """What the page was made from and how: data, version, date, command."""
+    paths = data if isinstance(data, list | tuple) else [data]
+    shown = ", ".join(str(p) for p in paths) if data is not None else "not given"
+    program = Path(sys.argv[0]).name
+    command = shlex.join(["cputwin" if program in ("cputwin", "__main__.py") else program,
+                          *sys.argv[1:]])
+    return (f"<p class='provenance'>data: <code>{html.escape(shown)}</code><br>"
+            f"cputwin {html.escape(__version__)}, "
+            f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}<br>"
+            f"command: <code>{html.escape(command)}</code></p>")
+
+
+def write_report(out_dir: Path, evaluations: list[Evaluation], title: str,
+                 data: Any = None) -> Path:
+    """Write `report.html` into `out_dir` and return its path; `data` (the paths read)
+    is named on the page with the version, date and command."""
     out_dir.mkdir(parents=True, exist_ok=True)
     by_name = {e.summary["protocol"]: e for e in evaluations}
     body = "".join(section(e) for e in evaluations)
@@ -163,7 +265,9 @@ def write_report(out_dir: Path, evaluations: list[Evaluation], title: str) -> Pa
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;"
         "text-align:right}img{max-width:100%;display:block;margin:1em 0}"
-        f"</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+        ".note{color:#555}.provenance{color:#555;font-size:90%}"
+        f"</style></head><body><h1>{html.escape(title)}</h1>{provenance(data)}{body}"
+        "</body></html>"
     )
     return write_atomic(out_dir / "report.html",
                         lambda tmp: tmp.write_text(page, encoding="utf-8"))

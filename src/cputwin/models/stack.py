@@ -55,8 +55,8 @@ class TwinStack(RegressorMixin, BaseEstimator):
     Parameters
     ----------
     bases : a preset ("seed", "twin", "portable", "detect", "detect_wcpu") or a list of
-        built-in base names / `BaseSpec` objects, one base model each. The default is the
-        seed's two sets. detect_wcpu reads the workload's own CPU use (workload_cpu_percent).
+        built-in base names / `BaseSpec` objects, one base model each. The default,
+        "twin", is the CLI's. detect_wcpu reads the workload's own CPU use (workload_cpu_percent).
     target : the core column to twin, or "all" for a machine twin of every core.
     mode : "sensor" (may read everything but the target core) or "independent" (may read
         nothing that contains the target: no overall load, no physics estimate).
@@ -71,9 +71,9 @@ class TwinStack(RegressorMixin, BaseEstimator):
     early_stopping_fraction : tail of each run's training period used once to choose
         each LightGBM base's number of rounds (l1, patience 100); 0 keeps the set counts.
     base_params : base name -> LightGBM parameters overriding the built-in ones.
-    meta_model : "ridge" (RidgeCV, the seed's), "nnls", "best", "average",
-        "per_workload", "auto" (chosen by out-of-fold score), or a scikit-learn linear
-        regressor (cloned in fit).
+    meta_model : "auto" (the default, as the CLI's: chosen by out-of-fold score), "ridge"
+        (RidgeCV, the seed's; the CLI's choice for bases="seed"), "nnls", "best", "average",
+        "top_mean", "per_workload", or a scikit-learn linear regressor (cloned in fit).
     host_category : one twin over many hosts of one kind, with each host a one-hot
         category (the frame needs a `host` column, as `load_runs` gives).
     feature_dtype : "float64", or "float32" to halve the feature matrices' memory on
@@ -82,7 +82,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
 
     def __init__(
         self,
-        bases: str | Sequence[str | BaseSpec] = ("v2.0", "v2.3"),
+        bases: str | Sequence[str | BaseSpec] = "twin",
         target: str = "cpu_util_core_0",
         mode: str = "sensor",
         n_folds: int = 3,
@@ -90,7 +90,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
         gap: int | None = None,
         early_stopping_fraction: float = 0.15,
         base_params: dict[str, dict[str, Any]] | None = None,
-        meta_model: Any = "ridge",
+        meta_model: Any = "auto",
         host_category: bool = False,
         feature_dtype: str = "float64",
     ) -> None:
