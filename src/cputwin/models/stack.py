@@ -216,8 +216,8 @@ class TwinStack(RegressorMixin, BaseEstimator):
 
     @property
     def sample_rate_hz_(self) -> float | None:
-        """Samples per second of the training data (None: not known, a twin saved before
-        it was recorded, or runs of one sample)."""
+        """Samples per second of the training data (None: not known, a twin file without
+        `step_s`, or runs of one sample)."""
         return 1.0 / self.step_s_ if self.step_s_ else None
 
     def time_span(self) -> dict[str, Any]:
@@ -422,7 +422,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
         stack.gap_ = int(p["gap"])
         stack.base_params_ = data["base_params"]
         stack.n_train_rows_ = int(data["n_train_rows"])
-        stack.step_s_ = data.get("step_s")  # absent from twins saved before it was recorded
+        stack.step_s_ = data.get("step_s")  # None where the file does not record it
         return stack
 
 
