@@ -165,7 +165,7 @@ FromOpt = Annotated[str | None, typer.Option(
          "of this machine.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, nothing else.")]
 TargetOpt = Annotated[str, typer.Option(
-    help="The core to twin: its number (3), its column (cpu_util_core_3), or all (the "
+    metavar="CORE", help="The core to twin: its number (3), its column (cpu_util_core_3), or all (the "
          "machine twin: every core).")]
 MaxRoundsOpt = Annotated[int | None, typer.Option(
     "--max-rounds", min=1, help="Cap every LightGBM base's boosting rounds (large data).")]
@@ -682,7 +682,8 @@ def demo(
         "--output", "-o", help="Folder for the report and the twin.")] = Path("cputwin-demo"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Train and evaluate honestly on the embedded sample (or, with --live, on this machine)."""
+    """Evaluate honestly on the embedded sample (or, with --live, on this machine) and keep
+    that one fit as the twin; says first about how long it takes."""
     from cputwin.telemetry.collector import expand_workloads
 
     with cli_errors(out_dir):
