@@ -515,6 +515,39 @@ def table(summary: dict) -> str:
     return "\n".join(out)
 
 
+def markdown(summary: dict, command: str) -> str:
+    """The table as Markdown, for docs/anomaly.md (pasted as the command prints it)."""
+    inst, settings = summary["instrument"], summary["settings"]
+    out = [f"`{command}` on {inst['logical_cores']} logical cores ({inst['cpu_model']}): "
+           f"{summary['recordings']} recording(s), "
+           f"{summary['normal_hours'] * 60:.1f} min of held-out normal time, source "
+           f"{settings.get('source') or 'psutil'} at {settings.get('rate') or 10:g} Hz.", "",
+           "Each cell: recall, mean (min over recordings) · median delay s · event-wise PR-AUC.",
+           "", "| detector | " + " | ".join(KINDS) + " | false alarms per core-hour |",
+           "|---|" + "---|" * len(KINDS) + "---|"]
+    for name in DETECTORS:
+        cells = []
+        for kind in KINDS:
+            c = summary["kinds"][kind][name]
+            cells.append(f"{_fmt(c['recall_mean'])} ({_fmt(c['recall_min'])}) · "
+                         f"{_fmt(c['median_delay_s'], '.1f')} · {_fmt(c['pr_auc'])}")
+        out.append(f"| {name} | " + " | ".join(cells)
+                   + f" | {_fmt(summary['false_alarms_per_hour'][name])} |")
+    events = {k: summary["kinds"][k]["cputwin"]["events"] for k in KINDS}
+    out += ["", "Hidden loads: " + ", ".join(f"{k} {n}" for k, n in events.items()) + ".", "",
+            "cputwin's recall per recording:", "",
+            "| seed | " + " | ".join(KINDS) + " | false alarms |",
+            "|---|" + "---|" * len(KINDS) + "---|"]
+    for r in summary["per_recording"]:
+        out.append(f"| {r['seed']} | " + " | ".join(
+            _fmt(r["kinds"][k]["cputwin"]["recall"]) for k in KINDS)
+            + f" | {r['false_alarms']['cputwin']} |")
+    wins = beaten(summary)
+    out += ["", "; ".join(wins) + "." if wins else
+            "No baseline's mean recall is above cputwin's on any kind."]
+    return "\n".join(out)
+
+
 def recordings_in(folder: Path) -> list[Path]:
     if (folder / "events.json").exists():
         return [folder]
@@ -549,6 +582,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=None,
                         help="samples per second (default 10, or 1 with node_exporter)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the table as Markdown (docs/anomaly.md)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -585,6 +620,8 @@ def main() -> None:
     summary = finite(summarise(results))  # JSON has no NaN or inf: null
     if args.json:
         sys.stdout.write(json.dumps(summary) + "\n")
+    elif args.markdown:
+        print(markdown(summary, "python bench/anomaly.py " + " ".join(sys.argv[1:])))
     else:
         print(table(summary))
 

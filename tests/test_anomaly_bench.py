@@ -310,6 +310,11 @@ def test_score_prints_one_json_object_with_every_kind_and_detector(tmp_path):
     assert full["events"] == 6 and 0.0 <= full["recall_mean"] <= 1.0
     assert out["kinds"]["half"]["cputwin"]["recall_mean"] is None  # no such load recorded
     assert out["instrument"]["cpu_model"] == "synthetic"
+    table = run_bench("--score", str(tmp_path), "--markdown")
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| detector | " + " | ".join(S.KINDS) + " | false alarms per core-hour |"
+    assert [r.split(" | ")[0][2:] for r in rows[1:1 + len(S.DETECTORS)]] == list(S.DETECTORS)
 
 
 def test_score_of_a_folder_without_recordings_is_one_line_exit_2(tmp_path):
