@@ -163,6 +163,20 @@ def test_a_low_or_missing_workload_r2_is_explained():
     assert busy.startswith("busy: R² 0.10 is low") and "misses much of its variation" in busy
 
 
+def test_a_core_that_never_moved_is_explained_in_the_every_core_table(monkeypatch):
+    screen = Console(file=io.StringIO(), width=80, color_system=None)
+    monkeypatch.setattr(cli, "out", screen)
+    one = {"protocol": "honest", "mode": "sensor", "rows": {"train": 80, "test": 20}}
+    cli.render_targets({
+        "targets": {"cpu_util_core_0": {**one, "r2": {"stack": 0.9}, "mae": {"stack": 2.0}},
+                    "cpu_util_core_1": {**one, "r2": {"stack": float("nan")},
+                                        "mae": {"stack": 0.25}}},
+        "mean": {"r2": 0.9, "mae": 1.1, "rmse": 1.5}})
+    text = " ".join(screen.file.getvalue().split())
+    assert "cpu_util_core_1: R² n/a: the core held one value over its 20 test rows" in text
+    assert "cpu_util_core_0: R² n/a" not in text
+
+
 def test_the_report_page_says_what_it_was_made_from(evaluated):
     _, page = evaluated
     from cputwin import __version__

@@ -450,8 +450,13 @@ def render_targets(summary: dict) -> None:
     say(f"{first['protocol']} protocol, mode {first['mode']}, every core:")
     for table in group_tables("target", summary["targets"], list(first["r2"])):
         out.print(table)
+    from cputwin.evaluation.report import na_note
+
+    for name, s in summary["targets"].items():
+        if s["r2"]["stack"] is None or math.isnan(s["r2"]["stack"]):
+            say(na_note(name, s["rows"]["test"], s["mae"]["stack"]))
     m = summary["mean"]
-    out.print(f"mean over {len(summary['targets'])} cores (stack): R² {m['r2']:.4f}, "
+    out.print(f"mean over {len(summary['targets'])} cores (stack): R² {_fmt(m['r2'])}, "
               f"MAE {m['mae']:.3f}, RMSE {m['rmse']:.3f}")
 
 

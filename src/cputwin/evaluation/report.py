@@ -140,6 +140,15 @@ def spread(r2: float, rmse: float) -> float:
     return rmse / math.sqrt(1 - r2) if r2 < 1 else float("nan")
 
 
+def na_note(name: str, rows: int, mae: float) -> str:
+    """Why an R² is n/a: the core never moved over the scored rows (or they are too few)."""
+    if rows < 2:
+        return f"{name}: R² n/a: fewer than 2 test rows."
+    return (f"{name}: R² n/a: the core held one value over its {rows} test rows (R² is "
+            f"undefined when nothing varies); MAE {mae:.3f} points says how close the twin "
+            "stayed.")
+
+
 def workload_notes(summary: dict, model: str = "stack") -> list[str]:
     """Why a workload's R² is low or missing, in this data's own figures."""
     overall = spread(_number(summary["r2"][model]), _number(summary["rmse"][model]))
@@ -147,11 +156,7 @@ def workload_notes(summary: dict, model: str = "stack") -> list[str]:
     for name, entry in summary["per_workload"].items():
         r2, rmse = _number(entry["r2"].get(model)), _number(entry["rmse"].get(model))
         if math.isnan(r2):
-            notes.append(
-                f"{name}: R² n/a: the core held one value over its {entry['rows']} test rows "
-                f"(R² is undefined when nothing varies); MAE {_number(entry['mae'].get(model)):.3f}"
-                " points says how close the twin stayed." if entry["rows"] >= 2 else
-                f"{name}: R² n/a: fewer than 2 test rows.")
+            notes.append(na_note(name, entry["rows"], _number(entry["mae"].get(model))))
         elif r2 < LOW_R2:
             sd = spread(r2, rmse)
             why = (f"the core varies little within it (sd {sd:.2f} points, against "
