@@ -260,7 +260,7 @@ def test_demo_fits_once_and_says_how_long_first(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert fits == ["cpu_util_core_0"]
     first = result.stderr.splitlines()[0]
-    assert re.match(r"demo: one fit of the twin on \d+ rows, about \d+ (s|min) on this", first)
+    assert re.match(r"demo: one fit of the twin on \d+ rows, about \d+ (s|min) on \d+ idle cores", first)
     assert (tmp_path / "demo" / "twin.cputwin").is_file()
     assert (tmp_path / "demo" / "report.html").is_file()
     prose = [line for line in result.stdout.splitlines()

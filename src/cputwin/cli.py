@@ -702,7 +702,7 @@ def demo(
         recording = (f"recording {len(workloads)} workloads × {seconds:g} s "
                      f"({len(workloads) * seconds / 60:.1f} min), then " if live else "")
         complain(f"demo: {recording}one fit of the twin on {plan['train_rows']} rows, about "
-                 f"{_duration(plan['seconds'])} on this machine")
+                 f"{_duration(plan['seconds'])} on {plan['cores']} idle cores")
         data = None
         if live:
             data = out_dir / "telemetry"
