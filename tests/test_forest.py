@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cputwin.models.base import BaseModel
+from cputwin.models.base import LightGBMModel
 from cputwin.models.forest import CompiledForest
 
 N_FEATURES = 4
@@ -60,7 +60,7 @@ cell = st.one_of(
                      min_size=1, max_size=8))
 def test_single_row_prediction_equals_lightgbm(name, rows):
     booster = MODELS[name]
-    model = BaseModel("t", [f"f{i}" for i in range(N_FEATURES)], booster)
+    model = LightGBMModel("t", [f"f{i}" for i in range(N_FEATURES)], booster)
     X = np.array(rows, dtype=np.float64)
     expected = booster.predict(X, num_threads=1)
     got = np.array([model.predict_one(x) for x in X])
@@ -152,6 +152,6 @@ def test_models_outside_the_fast_path_are_left_to_lightgbm(params, dataset):
     X[:, 3] = np.floor(X[:, 3] / 20)
     booster = _train(params, X, np.abs(y), **dataset)
     assert CompiledForest.from_booster(booster) is None
-    model = BaseModel("t", [f"f{i}" for i in range(N_FEATURES)], booster)
+    model = LightGBMModel("t", [f"f{i}" for i in range(N_FEATURES)], booster)
     np.testing.assert_allclose([model.predict_one(x) for x in X[:50]],
                                booster.predict(X[:50]), rtol=1e-12)

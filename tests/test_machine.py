@@ -150,3 +150,28 @@ def test_serve_answers_for_every_core_of_a_machine_twin(machine_file, sample_fra
         metrics = client.get("/metrics").text
         for core in cores:
             assert f'cputwin_score{{core="{core}",stream="m"}}' in metrics
+
+
+def test_an_opened_twin_names_its_parts_and_still_unpacks(machine_file):
+    from cputwin import Twin, open_twin
+
+    path, _ = machine_file
+    twin = open_twin(path)
+    assert isinstance(twin, Twin) and twin.stack.machine_
+    assert set(twin.detectors) == {"cpu_util_core_0", "cpu_util_core_1"}
+    stack, detector, payload = twin  # the older (stack, detector, payload) form
+    assert stack is twin.stack and detector is twin.detector and "detectors" in payload
+
+
+def test_the_plain_machine_twin_command_works_and_says_what_sensor_mode_cannot_see(
+        tmp_path, sample_data):
+    twin = tmp_path / "m.cputwin"
+    done = subprocess.run([*RUN, "train", str(sample_data), "--target", "all", "-o", str(twin),
+                           "--max-rounds", "20", "--json"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "sensor mode" in done.stderr and "independent mode" in done.stderr
+    from cputwin import open_twin
+
+    stack = open_twin(twin).stack
+    assert stack.machine_ and [b.name for b in stack.base_specs_][0] == "physics_pooled"

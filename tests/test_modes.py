@@ -11,6 +11,7 @@ from cputwin.errors import ModelError
 from cputwin.features import BUILTIN_SPECS, build_features
 from cputwin.features.spec import TARGET_CARRYING
 from cputwin.models.base import BUILTIN_BASES, BaseSpec
+from cputwin.models.contract import ContractError
 from cputwin.models.meta import (
     GLOBAL,
     META_KINDS,
@@ -149,7 +150,7 @@ def test_a_portable_twin_moves_to_a_machine_with_another_core_count(sample_frame
     pred = portable.predict(sample_frame)  # 2 cores
     assert np.isfinite(pred[~np.isnan(pred)]).all() and (~np.isnan(pred)).sum() > 1000
     seed_like = TwinStack(bases="seed", base_params=FAST_ALL, early_stopping_fraction=0).fit(frame)
-    with pytest.raises(ModelError, match="trained on 4 cores, data has 2"):
+    with pytest.raises(ContractError, match="trained on 4 cores, the data has 2"):
         seed_like.predict(sample_frame)
 
 

@@ -8,6 +8,7 @@ from sklearn.base import clone
 from conftest import FAST
 from cputwin import TwinStack
 from cputwin.errors import ModelError
+from cputwin.models.contract import ContractError
 from helpers import synthetic_run
 
 SEED_PAIR = {"bases": "seed", "meta_model": "ridge"}  # TwinStack's defaults are the CLI's
@@ -124,5 +125,5 @@ def test_predict_before_fit_and_wrong_core_count():
     stack = TwinStack(**SEED_PAIR, base_params=FAST, early_stopping_fraction=0).fit(
         _noise_runs(n_runs=1))
     other = synthetic_run(cores=2).with_columns(pl.lit("x").alias("run"))
-    with pytest.raises(ModelError, match="trained on 4 cores, data has 2"):
+    with pytest.raises(ContractError, match="trained on 4 cores, the data has 2"):
         stack.predict(other)

@@ -17,6 +17,8 @@ _EXPORTS = {
     "TwinStack": "cputwin.models",
     "load_runs": "cputwin.telemetry.ingest",
     "load_twin": "cputwin.artifact",
+    "open_twin": "cputwin.live.twin",
+    "Twin": "cputwin.live.twin",
     "save_twin": "cputwin.artifact",
 }
 

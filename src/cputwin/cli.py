@@ -731,7 +731,8 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 
 def sparkline(values: list[float]) -> str:
-    return "".join(SPARK[min(int(v / 100 * len(SPARK)), len(SPARK) - 1)] if v == v else " "
+    return "".join(SPARK[min(int(v / 100 * len(SPARK)), len(SPARK) - 1)]
+                   if not math.isnan(v) else " "
                    for v in values)
 
 
@@ -768,6 +769,7 @@ def watch(
     with cli_errors():
         from cputwin import pipeline
         from cputwin.live.alerts import AlertSender
+        from cputwin.live.twin import open_twin
         from cputwin.live.watch import watch as run_watch
         from cputwin.output import check_file, check_folder
 
@@ -779,7 +781,7 @@ def watch(
             check_folder(record)
         if events is not None:
             check_file(events, append=True)
-        stack, detector, _ = pipeline.open_twin(twin, sign_key)
+        stack, detector, _ = open_twin(twin, sign_key)
         workload = pipeline.live_workload(stack, workload)
         sampler = None
         if source is not None:
@@ -891,7 +893,7 @@ def serve(
 
     with cli_errors():
         from cputwin.live import serve as service
-        from cputwin.pipeline import open_twin
+        from cputwin.live.twin import open_twin
 
         open_twin(twin, sign_key)  # a bad file fails here, in one line, before the server starts
         app_ = service.create_app(twin, max_streams, stream_ttl, max_body, token or None,

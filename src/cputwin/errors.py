@@ -4,12 +4,15 @@
     ├── DataError                telemetry that cannot be used (file, column, value problems)
     ├── FeatureError             a feature spec that cannot be built for the given data
     ├── ModelError               a model used before fit, or fed a frame it was not trained for
+    │   └── NotFittedError       used before fit (also scikit-learn's NotFittedError)
     ├── ArtifactError            a twin file that is truncated, edited or not a twin at all
     ├── OutputError              an output that cannot be written (missing, read-only, full)
     └── WorkloadError            a workload that died while telemetry was being collected
 
 Every message is a single line that names what was wrong and where.
 """
+
+from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
 
 class CputwinError(Exception):
@@ -28,6 +31,10 @@ class FeatureError(CputwinError):
 
 class ModelError(CputwinError):
     """A model misused: not fitted, or fed columns it does not know."""
+
+
+class NotFittedError(ModelError, _SklearnNotFittedError):
+    """A twin used before `fit` (scikit-learn's `check_is_fitted` contract)."""
 
 
 class ArtifactError(CputwinError):

@@ -33,16 +33,23 @@ from cputwin.evaluation.protocols import (
 from cputwin.evaluation.report import write_report
 from cputwin.features.engine import unseen_workloads
 from cputwin.live.detector import Detector, calibrate
+from cputwin.live.twin import Twin, open_twin  # noqa: F401 (part of the pipeline's API)
 from cputwin.models import TwinStack
 from cputwin.models.base import params_for, resolve_bases
 from cputwin.models.cluster import run_each
-from cputwin.models.stack import ALL_CORES
+from cputwin.models.stack import ALL_CORES, Progress
 from cputwin.output import check_file, check_folder, write_atomic
 from cputwin.telemetry.collector import file_safe
 from cputwin.telemetry.ingest import DataWarning, host_of, load_runs, resolve_paths, schema_of
-from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD
+from cputwin.telemetry.schema import (
+    HOST,
+    RUN_COLUMN,
+    TIMESTAMP,
+    UNLABELLED,
+    WORKLOAD,
+    WORKLOAD_CPU,
+)
 
-Progress = Callable[[str, float], None]
 PROTOCOLS = ("honest", "seed", "both")
 
 
@@ -339,6 +346,22 @@ def fleet_scores(summaries: dict[str, dict[str, Any]], failed: int = 0,
             "worst": [{"host": h, "r2": r2[h]} for h in worst], "per_host": per_host}
 
 
+def machine_options(frame: pl.DataFrame, options: dict[str, Any]) -> dict[str, Any]:
+    """A machine twin's options: the default preset becomes the pooled detection one
+    (`detect_wcpu` where the data measures the workload's own CPU use, else `detect`), and
+    a sensor-mode machine twin is told what its alarms cannot see."""
+    options = dict(options)
+    if options.get("bases", "twin") == "twin":
+        measured = WORKLOAD_CPU in frame.columns and frame[WORKLOAD_CPU].null_count() < frame.height
+        options["bases"] = "detect_wcpu" if measured else "detect"
+    if options.get("mode", "sensor") == "sensor":
+        warnings.warn(DataWarning(
+            "this twin of every core is in sensor mode: it reads the overall load, which "
+            "holds each core's own, so its alarms cannot see extra load on a core; for "
+            "anomaly detection train it in independent mode"), stacklevel=3)
+    return options
+
+
 def train_frame(
     frame: pl.DataFrame,
     data_fingerprint: str,
@@ -353,6 +376,8 @@ def train_frame(
     names the out-of-fold scores."""
     if target != ALL_CORES:
         schema_of(frame).check_target(target)
+    else:
+        stack_options = machine_options(frame, stack_options)
     stack = fit(make_stack(target, **stack_options), frame, progress)
     metrics = {"out_of_fold": out_of_fold_scores(stack, frame)}
     training = {"fingerprint": data_fingerprint, "rows": frame.height,
@@ -433,11 +458,10 @@ def predict(twin: Path, data: Any, out: Path, key: str | bytes | None = None,
         pl.Series("residual", frame[stack.target].to_numpy() - pred),
     )
     write_atomic(out, table.write_parquet)
-    ok = valid
     result = {"predictions": str(out), "target": stack.target, "mode": stack.mode,
-              "rows": frame.height, "predicted": int(ok.sum())}
-    if ok.sum() >= 2:
-        result["scores"] = scores(frame[stack.target].to_numpy()[ok], pred[ok])
+              "rows": frame.height, "predicted": int(valid.sum())}
+    if valid.sum() >= 2:
+        result["scores"] = scores(frame[stack.target].to_numpy()[valid], pred[valid])
     return result
 
 
@@ -465,19 +489,6 @@ def live_workload(stack: TwinStack, workload: str | None) -> str:
     if note := unseen_workloads([label], stack.workloads_):
         warnings.warn(note, DataWarning, stacklevel=2)
     return label
-
-
-def open_twin(path: Path, key: str | bytes | None = None
-              ) -> tuple[TwinStack, Detector | dict[str, Detector] | None, dict[str, Any]]:
-    """A saved twin: its stack, its anomaly detector (if calibrated; a machine twin's: one
-    per core), its payload.
-
-    key: the signing key the twin must be signed with (`load_twin`)."""
-    stack, payload = load_twin(Path(path), key)
-    if payload.get("detectors"):
-        return stack, {c: Detector.from_dict(d) for c, d in payload["detectors"].items()}, payload
-    detector = Detector.from_dict(payload["detector"]) if payload.get("detector") else None
-    return stack, detector, payload
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """A plain pandas reference for feature specs: groupby per run, shift, rolling.
 
 It is what a notebook user would write. Tests check the Polars engine against it to
-1e-9, and benchmarks time the engine against it.
+1e-9, and benchmarks time the engine against it. It needs pandas, which only the `test`
+extra installs: nothing the CLI or the library runs imports this module.
 """
 
 from __future__ import annotations

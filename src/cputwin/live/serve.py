@@ -30,7 +30,7 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -49,6 +49,7 @@ from starlette.routing import Match, Route
 
 from cputwin.errors import CputwinError
 from cputwin.live.alerts import AlertSender, tick_events
+from cputwin.models.contract import InputContract
 from cputwin.telemetry.ingest import check_run
 from cputwin.telemetry.schema import (
     HOST,
@@ -160,6 +161,13 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": Error, "description": text[c]} for c in codes}
 
 
+class CoreSeries(NamedTuple):
+    """One stream's metric children for one core: its gauges by name, its raise counter."""
+
+    gauges: dict[str, Any]
+    raises: Any
+
+
 class Metrics:
     """The service's Prometheus metrics, in a registry of its own (one per app).
 
@@ -197,7 +205,8 @@ class Metrics:
         self.requests.labels(path, str(status)).inc()
         self.latency.observe(seconds)
 
-    def series(self, stream_id: str, targets: list[str]) -> tuple[dict[str, tuple], Any]:
+    def series(self, stream_id: str, targets: list[str]
+               ) -> tuple[dict[str, CoreSeries], Any]:
         """The children of one new stream: per core, and its last-sample time. Unknown
         values start as NaN."""
         out = {}
@@ -206,7 +215,7 @@ class Metrics:
             for name in ("observed", "prediction", "residual", "score"):
                 children[name].set(math.nan)
             children["alarm"].set(0)
-            out[core] = (children, self.alarms.labels(stream_id, core))
+            out[core] = CoreSeries(children, self.alarms.labels(stream_id, core))
         return out, self.last_sample.labels(stream_id)
 
     def forget(self, stream_id: str, targets: list[str]) -> None:
@@ -225,7 +234,7 @@ class Entry:
 
     stream: Any
     host: str
-    series: dict[str, tuple]
+    series: dict[str, CoreSeries]
     last_sample: Any
     last: float | None = None
     seen: float = 0.0
@@ -276,51 +285,27 @@ class Streams:
             return entry
 
 
-def _stream_rows(samples: list[Sample], n_cores: int) -> np.ndarray:
-    """Per-core values of stream samples, checked like ingest checks a run (core count,
-    missing columns, numbers in [0, 100]) but without building a frame: a stream update is
-    usually one sample, and a frame costs more than the prediction."""
-    cores = [f"cpu_util_core_{i}" for i in range(n_cores)]
-    out = np.empty((len(samples), n_cores))
+def _stream_rows(samples: list[Sample], contract: InputContract) -> np.ndarray:
+    """Per-core values of stream samples, checked against the twin's contract without
+    building a frame: a stream update is usually one sample, and a frame costs more than
+    the prediction."""
+    return np.array([contract.sample_cores(s.model_extra or {}, i)
+                     for i, s in enumerate(samples)])
+
+
+def _check_workload_cpu(samples: list[Sample], contract: InputContract) -> None:
     for i, sample in enumerate(samples):
-        extra = sample.model_extra or {}
-        unknown = [k for k in extra if k.startswith("cpu_util_core_") and k not in cores]
-        if unknown:
-            raise CputwinError(f"core count does not match the twin ({n_cores} cores): "
-                               f"unexpected {unknown[0]}")
-        for j, c in enumerate(cores):
-            if c not in extra:
-                raise CputwinError(f"sample {i}: missing column {c!r}")
-            v = extra[c]
-            if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
-                raise CputwinError(f"sample {i}: {c} must be a number")
-            if not 0 <= v <= 100:
-                raise CputwinError(f"sample {i}: {c} = {v} is outside [0, 100]")
-            out[i, j] = v
-    return out
+        contract.check_sample_workload_cpu(
+            sample.workload_cpu_percent, "workload_cpu_percent" in sample.model_fields_set, i)
 
 
-def _check_workload_cpu(samples: list[Sample], n_cores: int, required: bool) -> None:
-    """The workload's CPU use is at most every core busy, and given where the twin reads it
-    (null, a reading that failed, is a missing value to the models; a field left out is an
-    error: a client that never sends it would get answers, all of them wrong)."""
-    for i, sample in enumerate(samples):
-        own = sample.workload_cpu_percent
-        if required and "workload_cpu_percent" not in sample.model_fields_set:
-            raise CputwinError(f"sample {i}: missing {WORKLOAD_CPU!r}, the workload's own "
-                               "CPU use, which this twin reads")
-        if own is not None and own > 100 * n_cores:
-            raise CputwinError(f"sample {i}: {WORKLOAD_CPU} = {own} is above "
-                               f"{100 * n_cores} ({n_cores} cores fully busy)")
-
-
-def _frame(samples: list[Sample], n_cores: int, needs_workload_cpu: bool) -> pl.DataFrame:
+def _frame(samples: list[Sample], contract: InputContract) -> pl.DataFrame:
     """Samples as a checked telemetry frame: the stream checks, then the ingest checks."""
-    values = _stream_rows(samples, n_cores)
-    _check_workload_cpu(samples, n_cores, needs_workload_cpu)
+    values = _stream_rows(samples, contract)
+    _check_workload_cpu(samples, contract)
     data = {"timestamp": [s.timestamp for s in samples],
             OVERALL: [s.cpu_util_overall for s in samples],
-            **{f"cpu_util_core_{i}": values[:, i] for i in range(n_cores)},
+            **{c: values[:, i] for i, c in enumerate(contract.core_columns())},
             WORKLOAD_CPU: pl.Series([s.workload_cpu_percent for s in samples],
                                     dtype=pl.Float64),
             WORKLOAD: [s.workload_type for s in samples]}
@@ -495,9 +480,8 @@ def _stream_update(state, stream_id: str, raw: bytes, wait: bool = True) -> Resp
         raise HTTPException(422, "stream id longer than 200 characters")
     body = _parse(Samples, raw)
     streams: Streams = state.streams
-    n_cores = state.stack.schema_.n_cores
-    cores = _stream_rows(body.samples, n_cores)  # validates before any state changes
-    _check_workload_cpu(body.samples, n_cores, streams.twin.reads_workload_cpu)
+    cores = _stream_rows(body.samples, state.contract)  # validates before any state changes
+    _check_workload_cpu(body.samples, state.contract)
     entry = streams.get(stream_id, body.samples[0].host)
     if not entry.lock.acquire(blocking=wait):
         raise _Busy()
@@ -531,7 +515,7 @@ def _step(entry: Entry, stream_id: str, samples: list[Sample], cores: np.ndarray
                                   "residual": _finite(c.residual), "score": _finite(c.score),
                                   "alarm": c.alarm, "event": c.event}
             if c.event == "raise":
-                entry.series[c.target][1].inc()
+                entry.series[c.target].raises.inc()
         if alerts is not None:
             tick_events(alerts, stream_id, entry.host, tick, streams.twin.detectors,
                         sample.timestamp)
@@ -539,9 +523,9 @@ def _step(entry: Entry, stream_id: str, samples: list[Sample], cores: np.ndarray
                         "residual": _finite(tick.residual), "score": _finite(tick.score),
                         "alarm": tick.alarm, "event": tick.event, "cores": per_core})
     for target, j in streams.observed_index:
-        entry.series[target][0]["observed"].set(cores[-1, j])
+        entry.series[target].gauges["observed"].set(cores[-1, j])
     for c in tick.cores:
-        gauges = entry.series[c.target][0]
+        gauges = entry.series[c.target].gauges
         gauges["prediction"].set(c.prediction)
         gauges["residual"].set(math.nan if c.residual is None else c.residual)
         gauges["score"].set(math.nan if c.score is None else c.score)
@@ -564,7 +548,7 @@ def _predict(state, body: Rows) -> Prediction:
     with state.predict_lock, warnings.catch_warnings(record=True) as caught:
         # one request at a time holds the warnings machinery (it is process-wide)
         warnings.simplefilter("always")
-        frame = _frame(rows, stack.schema_.n_cores, state.streams.twin.reads_workload_cpu)
+        frame = _frame(rows, state.contract)
         pred = stack.predict(frame.with_columns(pl.lit("request").alias(RUN_COLUMN)))
     in_request_order = np.empty(len(rows))
     in_request_order[order] = pred
@@ -616,7 +600,7 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
     token: clients must send `Authorization: Bearer <token>` (all but /healthz).
     alert_webhook: URL that receives each alarm raise/clear (Alertmanager JSON)."""
     from cputwin.live.stream import OnlineTwin
-    from cputwin.pipeline import open_twin
+    from cputwin.live.twin import open_twin
 
     for name, value in (("max_streams", max_streams), ("stream_ttl_s", stream_ttl_s),
                         ("max_body_bytes", max_body_bytes)):
@@ -630,6 +614,7 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
         alerts = (AlertSender(alert_webhook, counters=metrics.webhook)
                   if alert_webhook else None)
         app.state.stack, app.state.metrics = stack, metrics
+        app.state.contract = stack.contract_
         app.state.streams = Streams(OnlineTwin(stack, detector=detector), max_streams,
                                     stream_ttl_s, metrics, alerts)
         app.state.predict_lock = threading.Lock()

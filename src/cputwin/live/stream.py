@@ -66,9 +66,8 @@ class OnlineTwin:
         stack._check_fitted()
         self.stack = stack
         self.schema = Schema(n_cores=n_cores or stack.schema_.n_cores)
-        if self.schema != stack.schema_ and not stack.portable_:
-            raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, "
-                            f"the stream has {self.schema.n_cores}")
+        self.contract = stack.contract_
+        self.contract.check_core_count(self.schema.n_cores, "the stream")
         cores = self.schema.core_columns
         self.targets = cores if stack.machine_ else [stack.target]  # the watched cores
         self.detectors = _per_target(detector, self.targets)
@@ -85,7 +84,7 @@ class OnlineTwin:
                           for t in self.targets] for spec in specs]
         self.names = [b.name for b in stack.base_specs_]
         # whether samples must carry the workload's own CPU use (workload_cpu_percent)
-        self.reads_workload_cpu = any(b.features.reads_workload_cpu for b in stack.base_specs_)
+        self.reads_workload_cpu = self.contract.reads_workload_cpu
         for base in stack.bases_:
             base.prepare_online(compiled_trees)
 

@@ -84,13 +84,10 @@ def watch(
     queued to it (and what is queued sent before returning). sampler: what to sample
     instead of this machine (a remote host's `NodeExporterSampler`)."""
     sampler = sampler if sampler is not None else _sampler(workload_pid)
-    if sampler.schema.n_cores != stack.schema_.n_cores and not stack.portable_:
-        raise DataError(f"this twin was trained on {stack.schema_.n_cores} cores, this machine "
-                        f"has {sampler.schema.n_cores}")
+    stack.contract_.check_core_count(sampler.schema.n_cores, "this machine")
+    stack.contract_.check_workload_cpu_source(
+        workload_pid is not None, "give the process id of the workload (and its children)")
     twin = OnlineTwin(stack, n_cores=sampler.schema.n_cores, detector=detector)
-    if twin.reads_workload_cpu and workload_pid is None:
-        raise DataError("this twin reads the workload's own CPU use: give the pid of the "
-                        "workload's process (watch --pid)")
     host = getattr(sampler, "host", None) or socket.gethostname()
     stream = twin.stream(host)
     cores = sampler.schema.core_columns

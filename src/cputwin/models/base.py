@@ -8,6 +8,7 @@ linear base keeps its coefficients as numbers.
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -37,6 +38,9 @@ SEED_PARAMS: dict[str, dict[str, Any]] = {
         random_state=42, n_jobs=-1,
     ),
 }
+# Where every LightGBM base that is not a seed set starts: the seed's V2.0 parameters
+# (l1 objective, 31 leaves, 1,000 rounds at 0.05); a base's own params override them.
+LIGHTGBM_DEFAULTS = SEED_PARAMS["v2.0"]
 _BOOSTED = dict(n_estimators=600, learning_rate=0.03, subsample=0.8, subsample_freq=1,
                 colsample_bytree=0.8, random_state=42, n_jobs=-1)
 
@@ -150,8 +154,9 @@ def resolve_bases(bases: str | tuple | list) -> list[BaseSpec]:
 
 
 def params_for(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The seed's LightGBM parameters for a seed set, with overrides on top."""
-    params = dict(SEED_PARAMS.get(name, SEED_PARAMS["v2.0"]))
+    """A base's LightGBM parameters: a seed set's own (`SEED_PARAMS`), or for any other
+    base LIGHTGBM_DEFAULTS; then `overrides` (the base's params, the user's) on top."""
+    params = dict(SEED_PARAMS.get(name, LIGHTGBM_DEFAULTS))
     params.update(overrides or {})
     params.setdefault("verbose", -1)
     # Same result on every run: LightGBM otherwise times col-wise against row-wise
@@ -213,7 +218,7 @@ class SingleRowPredictor:
 
 
 @dataclass
-class BaseModel:
+class LightGBMModel:
     """One fitted LightGBM model and the feature names it expects, in order."""
 
     feature_set: str
@@ -249,7 +254,7 @@ class BaseModel:
             self.prepare_online()
         if self._forest is not None:
             value = self._forest(x)
-            if value == value:
+            if not math.isnan(value):
                 return value
         return self._single(x)
 
@@ -307,7 +312,7 @@ def base_from_dict(data: dict[str, Any]) -> FittedBase:
                            np.asarray(data["coef"], dtype=float), float(data["intercept"]))
     check_model_text(data["lightgbm_model"])  # a malformed text aborts LightGBM's parser
     booster = lgb.Booster(model_str=data["lightgbm_model"])
-    return BaseModel(data["feature_set"], list(data["feature_names"]), booster)
+    return LightGBMModel(data["feature_set"], list(data["feature_names"]), booster)
 
 
 def fit_lgbm(
@@ -359,4 +364,4 @@ def fit_base(
         coef, intercept = fit_linear(X, y)
         return LinearModel(spec.name, feature_names, coef, intercept)
     model = fit_lgbm(params, X, y, feature_names, on_round=on_round)
-    return BaseModel(spec.name, feature_names, model.booster_)
+    return LightGBMModel(spec.name, feature_names, model.booster_)

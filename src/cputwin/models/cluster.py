@@ -33,7 +33,7 @@ import polars as pl
 
 from cputwin.errors import CputwinError, ModelError
 from cputwin.features.engine import runs_are_contiguous
-from cputwin.models.base import BaseModel, FittedBase, fit_base
+from cputwin.models.base import FittedBase, LightGBMModel, fit_base
 from cputwin.models.stack import FEATURE_DTYPES, Progress, TwinStack
 from cputwin.telemetry.schema import RUN_COLUMN
 
@@ -192,7 +192,7 @@ class DaskRows:
         model = DaskLGBMRegressor(client=self.client,
                                   **{k: v for k, v in params.items() if k != "n_jobs"})
         model.fit(X, y, feature_name=self.names[j])
-        return BaseModel(spec.name, self.names[j], model.booster_)
+        return LightGBMModel(spec.name, self.names[j], model.booster_)
 
     def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray:
         shipped = model.to_dict()

@@ -20,7 +20,7 @@ import polars as pl
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.metrics import r2_score
 
-from cputwin.errors import ModelError
+from cputwin.errors import ModelError, NotFittedError
 from cputwin.features import FeatureMatrix, build_features
 from cputwin.features.spec import MODES
 from cputwin.models.base import (
@@ -32,6 +32,7 @@ from cputwin.models.base import (
     params_for,
     resolve_bases,
 )
+from cputwin.models.contract import InputContract
 from cputwin.models.meta import META_KINDS, LinearMeta, choose_meta, fit_meta
 from cputwin.telemetry.ingest import DataWarning, sample_step, schema_of
 from cputwin.telemetry.schema import HOST, RUN_COLUMN, WORKLOAD, Schema
@@ -105,6 +106,16 @@ class TwinStack(RegressorMixin, BaseEstimator):
         self.meta_model = meta_model
         self.host_category = host_category
         self.feature_dtype = feature_dtype
+
+    def __sklearn_tags__(self):
+        """A telemetry frame in (polars: numeric core columns, string run and workload
+        labels), not a 2-D array; no separate `y`: the target is a column of the frame."""
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.input_tags.categorical = True
+        return tags
 
     # ------------------------------------------------------------------ fit
     def fit(self, X: pl.DataFrame, y: Any = None, progress: Progress | None = None) -> TwinStack:
@@ -245,6 +256,12 @@ class TwinStack(RegressorMixin, BaseEstimator):
                 " train a twin on data at this rate", DataWarning, stacklevel=3)
 
     @property
+    def contract_(self) -> InputContract:
+        """What this twin may be given (`models/contract.py`)."""
+        self._check_fitted()
+        return InputContract.of(self)
+
+    @property
     def portable_(self) -> bool:
         return all(b.features.portable for b in self.base_specs_)
 
@@ -313,7 +330,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
     # -------------------------------------------------------------- predict
     def _check_fitted(self) -> None:
         if not hasattr(self, "bases_"):
-            raise ModelError("this TwinStack is not fitted yet: call fit first")
+            raise NotFittedError("this TwinStack is not fitted yet: call fit first")
 
     def predict_bases(self, X: pl.DataFrame, target: str | None = None
                       ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -321,20 +338,15 @@ class TwinStack(RegressorMixin, BaseEstimator):
         mask of rows where every base has its history. target: the core predicted (a
         machine twin's choice; a twin of one core predicts its own)."""
         self._check_fitted()
-        frame = X
         if target is None:
             if self.machine_:
                 raise ModelError("a twin of every core predicts one core at a time: name it")
             target = self.target
-        got = schema_of(frame)
-        if got != self.schema_ and not self.portable_:
-            raise ModelError(
-                f"this twin was trained on {self.schema_.n_cores} cores, data has {got.n_cores} "
-                "(only a twin of portable bases, --bases portable, moves between machines)"
-            )
+        got = schema_of(X)
+        self.contract_.check_core_count(got.n_cores)
         got.check_target(target)
-        self.warn_rate(frame)
-        mats = [self.matrix(frame, b, target) for b in self.base_specs_]
+        self.warn_rate(X)
+        mats = [self.matrix(X, b, target) for b in self.base_specs_]
         valid = np.logical_and.reduce([m.valid for m in mats])
         out = {}
         for base, mat in zip(self.bases_, mats, strict=True):
@@ -390,7 +402,11 @@ class TwinStack(RegressorMixin, BaseEstimator):
                       for s, m in zip(self.base_specs_, self.bases_, strict=True)],
             "meta": self.meta_.to_dict(),
             "history": self.history_,
-            "params": {"n_folds": self.n_folds, "gap": self.gap_,
+            "params": {"bases": self.bases if _named(self.bases) else None,
+                       "meta_model": _meta_param(self.meta_model),
+                       "base_params": self.base_params,
+                       "n_folds": self.n_folds, "gap": self.gap,
+                       "gap_used": self.gap_,
                        "first_fold_fraction": self.first_fold_fraction,
                        "early_stopping_fraction": self.early_stopping_fraction,
                        "host_category": self.host_category,
@@ -398,17 +414,22 @@ class TwinStack(RegressorMixin, BaseEstimator):
             "base_params": self.base_params_,
             "n_train_rows": self.n_train_rows_,
             "step_s": self.step_s_,
+            "contract": self.contract_.to_dict(),  # stated for readers; rebuilt on load
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TwinStack:
         specs = [BaseSpec.from_dict(b["spec"]) for b in data["bases"]]
         p = data["params"]
-        stack = cls(bases=specs, target=data["target"], mode=data["mode"],
-                    n_folds=p["n_folds"], gap=p["gap"],
+        # the parameters it was built with (files without them: what the fit used)
+        bases = p.get("bases")
+        stack = cls(bases=specs if bases is None else bases, target=data["target"],
+                    mode=data["mode"], n_folds=p["n_folds"],
+                    gap=p["gap"],
                     first_fold_fraction=p["first_fold_fraction"],
                     early_stopping_fraction=p["early_stopping_fraction"],
-                    meta_model=data["meta"]["kind"].removeprefix("auto:"),
+                    base_params=p.get("base_params"),
+                    meta_model=_meta_from_param(p.get("meta_model"), data["meta"]["kind"]),
                     host_category=bool(p.get("host_category", False)),
                     feature_dtype=p.get("feature_dtype", "float64"))
         stack.schema_ = Schema(n_cores=int(data["n_cores"]))
@@ -419,11 +440,43 @@ class TwinStack(RegressorMixin, BaseEstimator):
         stack.bases_ = [base_from_dict(b["model"]) for b in data["bases"]]
         stack.meta_ = LinearMeta.from_dict(data["meta"])
         stack.history_ = int(data["history"])
-        stack.gap_ = int(p["gap"])
+        stack.gap_ = int(p.get("gap_used", p["gap"]))
         stack.base_params_ = data["base_params"]
         stack.n_train_rows_ = int(data["n_train_rows"])
         stack.step_s_ = data.get("step_s")  # None where the file does not record it
         return stack
+
+
+def _named(bases: Any) -> bool:
+    """A preset name or a list of built-in base names (what a file can state as given)."""
+    return isinstance(bases, str) or (isinstance(bases, list | tuple)
+                                      and all(isinstance(b, str) for b in bases))
+
+
+def _meta_param(meta_model: Any) -> Any:
+    """`meta_model` as a file states it: a kind, or a scikit-learn linear model's class
+    name and parameters (rebuilt from `sklearn.linear_model` only, never unpickled)."""
+    if isinstance(meta_model, str):
+        return meta_model
+    params = {k: v for k, v in meta_model.get_params(deep=False).items()
+              if v is None or isinstance(v, bool | int | float | str)}
+    return {"sklearn_linear_model": type(meta_model).__name__, "params": params}
+
+
+def _meta_from_param(param: Any, fitted_kind: str) -> Any:
+    if isinstance(param, str):
+        return param
+    if isinstance(param, dict):
+        import sklearn.linear_model as linear
+
+        cls = getattr(linear, str(param.get("sklearn_linear_model")), None)
+        if isinstance(cls, type):
+            try:
+                return cls(**param.get("params", {}))
+            except TypeError:
+                pass
+    kind = fitted_kind.split(":", 1)[0]
+    return kind if kind in META_KINDS else "auto"
 
 
 class TrainingRows(Protocol):
