@@ -66,7 +66,17 @@ def test_the_library_and_cli_run_without_pandas(sample_data, tmp_path):
     import sys
 
     script = (
-        "import sys; sys.modules['pandas'] = None\n"
+        "import sys\n"
+        "import importlib.abc, importlib.machinery\n"
+        "class NoPandas(importlib.abc.MetaPathFinder, importlib.abc.Loader):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'pandas':\n"
+        "            return importlib.machinery.ModuleSpec(name, self)\n"
+        "    def create_module(self, spec):\n"
+        "        raise ImportError('pandas is not installed')\n"
+        "    def exec_module(self, module):\n"
+        "        raise ImportError('pandas is not installed')\n"
+        "sys.meta_path.insert(0, NoPandas())\n"
         "from cputwin.cli import main\n"
         "sys.argv = ['cputwin', *sys.argv[1:]]\n"
         "main()\n")
