@@ -35,7 +35,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cputwin.errors import DataError, WorkloadError
-from cputwin.output import write_atomic
 from cputwin.telemetry.schema import (
     OVERALL,
     TEMP_COLUMN,
@@ -302,8 +301,9 @@ class PartWriter:
         if not self.rows:
             return
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        write_atomic(self.folder / f"part-{self.count:06d}.parquet",
-                     lambda tmp: pq.write_table(table, tmp))
+        tmp = self.folder / f".part-{self.count:06d}.tmp"
+        pq.write_table(table, tmp)
+        tmp.rename(self.folder / f"part-{self.count:06d}.parquet")
         self.count += 1
         self.rows = []
 
@@ -333,7 +333,9 @@ def file_safe(name: str) -> str:
 
 
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj), encoding="utf-8"))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj), encoding="utf-8")
+    tmp.replace(path)
 
 
 def write_table(table: pa.Table, final: Path, meta: dict[str, Any]) -> None:
