@@ -900,7 +900,8 @@ def serve(
                                   _webhook(alert_webhook), sign_key)
         sock = service.bind(host, port)
     shown = f"[{host}]" if ":" in host else host
-    err.print(f"serving {twin} on http://{shown}:{port} (Ctrl-C to stop)", highlight=False)
+    err.print(f"serving {twin} on http://{shown}:{port} (Ctrl-C to stop)", highlight=False,
+              soft_wrap=True)  # one line: scripts read the address from it
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
         service.run(app_, sock)  # warnings are logged per request, never kept
