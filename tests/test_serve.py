@@ -413,7 +413,11 @@ def test_a_large_batch_does_not_hold_up_other_clients(seed_twin):
             assert client.get("/healthz").status_code == 200
             waits.append(time.perf_counter() - start)
         assert took["batch"] > 0.3, "the batch is too quick to show anything on this machine"
-        assert max(waits) < took["batch"] / 3, (max(waits), took["batch"])
+        # held up for the whole batch, a client would wait about as long as the batch; on a
+        # busy 2-core machine one wait may still catch a long GIL-holding step of the batch
+        assert len(waits) >= 3, waits
+        assert max(waits) < took["batch"] / 2, (max(waits), took["batch"])
+        assert sorted(waits)[len(waits) // 2] < took["batch"] / 10, (waits, took["batch"])
 
 
 def _cli_server(twin, *args, env=None):
