@@ -23,15 +23,7 @@ import polars as pl
 from cputwin.errors import FeatureError
 from cputwin.features.spec import FeatureSpec
 from cputwin.telemetry.ingest import DataWarning, schema_of
-from cputwin.telemetry.schema import (
-    HOST,
-    OVERALL,
-    RUN_COLUMN,
-    TIMESTAMP,
-    UNLABELLED,
-    WORKLOAD,
-    WORKLOAD_CPU,
-)
+from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD, WORKLOAD_CPU
 
 PHYSICS_COLUMNS = ("physics_estimate", "physics_clipped")
 STATS_COLUMNS = ("others_mean", "others_std", "others_min", "others_max")

@@ -35,16 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cputwin.errors import DataError, WorkloadError
-from cputwin.telemetry.schema import (
-    OVERALL,
-    TEMP_COLUMN,
-    TIMESTAMP,
-    UNLABELLED,
-    WORKLOAD,
-    WORKLOAD_CPU,
-    Schema,
-    core_column,
-)
+from cputwin.telemetry import schema
+from cputwin.telemetry.schema import OVERALL, TIMESTAMP, UNLABELLED, WORKLOAD, Schema, core_column
 from cputwin.telemetry.workloads import WORKLOADS, WorkloadFn, WorkloadProcess
 
 METADATA_KEY = b"cputwin"
@@ -160,7 +152,7 @@ class Sampler:
         for i, v in enumerate(cores):
             row[core_column(i)] = float(v)
         row.update({"cpu_freq_current_mhz": cur, "cpu_freq_min_mhz": lo, "cpu_freq_max_mhz": hi,
-                    TEMP_COLUMN: _temperature(), WORKLOAD_CPU: own, WORKLOAD: workload})
+                    schema.TEMP_COLUMN: _temperature(), schema.WORKLOAD_CPU: own, WORKLOAD: workload})
         return row
 
 

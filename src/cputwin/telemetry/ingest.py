@@ -20,21 +20,9 @@ from pathlib import Path
 import polars as pl
 
 from cputwin.errors import DataError
+from cputwin.telemetry import schema
 from cputwin.telemetry.collector import read_metadata
-from cputwin.telemetry.schema import (
-    HOST,
-    OPTIONAL_COLUMNS,
-    OVERALL,
-    RUN_COLUMN,
-    TIMESTAMP,
-    UNLABELLED,
-    WORKLOAD,
-    WORKLOAD_CPU,
-    Schema,
-    core_column,
-    core_columns_in,
-    reading_resolution,
-)
+from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD, Schema
 
 PathLike = str | Path
 ColumnMap = dict[str, str]  # a file's column name -> cputwin's
@@ -151,7 +139,7 @@ def host_of(path: Path, raw: pl.DataFrame | None = None) -> str:
 
 
 def count_cores(frame: pl.DataFrame) -> int:
-    return len(core_columns_in(frame.columns))
+    return len(schema.core_columns_in(frame.columns))
 
 
 def schema_of(frame: pl.DataFrame) -> Schema:
@@ -197,7 +185,7 @@ def check_overall(frame: pl.DataFrame, path: Path | str, logical_cores: int | No
                   ) -> None:
     """Refuse a run whose overall load is not the mean of its cores (a core column missing,
     an overall from elsewhere), or whose collector recorded another core count."""
-    cores = core_columns_in(frame.columns)
+    cores = schema.core_columns_in(frame.columns)
     if logical_cores is not None and logical_cores != len(cores):
         raise DataError(f"{path}: the collector recorded {logical_cores} logical cores, the "
                         f"file has {len(cores)} core columns")
@@ -207,7 +195,7 @@ def check_overall(frame: pl.DataFrame, path: Path | str, logical_cores: int | No
                .filter(pl.col("rows") >= MISMATCH_MIN_ROWS))
     if per_run.height == 0:
         return
-    units = [max(reading_resolution(step or 0.0) / len(cores), 1.0)
+    units = [max(schema.reading_resolution(step or 0.0) / len(cores), 1.0)
              for step in per_run["step"].to_list()]
     ratio = per_run["gap"].to_numpy() / units
     worst = int(ratio.argmax())
@@ -271,14 +259,14 @@ def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
     """Validate one run's frame; return it normalised (typed, sorted, de-duplicated)."""
     if raw.height == 0:
         raise DataError(f"{path}: file holds no rows")
-    cores = core_columns_in(raw.columns)
+    cores = schema.core_columns_in(raw.columns)
     if not cores:
-        raise DataError(f"{path}: missing required columns {core_column(0)}, … (no per-core data)")
-    schema = Schema(n_cores=len(cores))
-    missing = [c for c in schema.required_columns if c not in raw.columns]
+        raise DataError(f"{path}: missing required columns {schema.core_column(0)}, … (no per-core data)")
+    expected = Schema(n_cores=len(cores))
+    missing = [c for c in expected.required_columns if c not in raw.columns]
     if missing:
         raise DataError(f"{path}: missing required column {missing[0]!r}")
-    numeric = [TIMESTAMP, *schema.utilisation_columns]
+    numeric = [TIMESTAMP, *expected.utilisation_columns]
     for col in numeric:
         if not raw[col].dtype.is_numeric():
             raise DataError(f"{path}: column {col!r} must be numeric, found {raw[col].dtype}")
@@ -291,7 +279,7 @@ def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
         raise DataError(f"{path}: column {WORKLOAD!r} must hold text labels")
     if raw[TIMESTAMP].is_infinite().any():
         raise DataError(f"{path}: column {TIMESTAMP!r} has infinite values")
-    for col in schema.utilisation_columns:
+    for col in expected.utilisation_columns:
         lo, hi = raw[col].min(), raw[col].max()
         if lo < 0 or hi > 100:
             raise DataError(
@@ -299,7 +287,7 @@ def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
             )
     optional = [
         pl.col(c).cast(pl.Float64, strict=False) if c in raw.columns else pl.lit(None, pl.Float64)
-        for c in OPTIONAL_COLUMNS
+        for c in schema.OPTIONAL_COLUMNS
     ]
     run = (pl.col(RUN_COLUMN).cast(pl.String) if RUN_COLUMN in raw.columns
            else pl.lit(Path(path).stem))
@@ -308,11 +296,11 @@ def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
     frame = raw.select(
         run.alias(RUN_COLUMN),
         pl.col(TIMESTAMP).cast(pl.Float64),
-        *[pl.col(c).cast(pl.Float64) for c in schema.utilisation_columns],
-        *[e.alias(c) for e, c in zip(optional, OPTIONAL_COLUMNS, strict=True)],
+        *[pl.col(c).cast(pl.Float64) for c in expected.utilisation_columns],
+        *[e.alias(c) for e, c in zip(optional, schema.OPTIONAL_COLUMNS, strict=True)],
         (pl.col(WORKLOAD) if labelled else pl.lit(UNLABELLED)).alias(WORKLOAD),
     )
-    check_workload_cpu(frame[WORKLOAD_CPU], path)
+    check_workload_cpu(frame[schema.WORKLOAD_CPU], path)
     return repair_order(frame, path)
 
 
@@ -321,7 +309,7 @@ def check_workload_cpu(column: pl.Series, path: Path | str) -> None:
     null is a sample where it was not measured)."""
     bad = int(((column < 0) | column.is_infinite()).sum())
     if bad:
-        raise DataError(f"{path}: column {WORKLOAD_CPU!r} has {bad} negative or infinite values")
+        raise DataError(f"{path}: column {schema.WORKLOAD_CPU!r} has {bad} negative or infinite values")
 
 
 def repair_order(frame: pl.DataFrame, path: Path | str) -> pl.DataFrame:

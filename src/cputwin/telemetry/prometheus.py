@@ -27,21 +27,11 @@ import numpy as np
 import polars as pl
 
 from cputwin.errors import DataError
+from cputwin.telemetry import schema
 from cputwin.telemetry.collector import arrow_schema, file_safe, write_table
 from cputwin.telemetry.counters import CounterBreak, interval_utilisation, run_starts
 from cputwin.telemetry.ingest import DataWarning, check_run
-from cputwin.telemetry.schema import (
-    FREQ_COLUMNS,
-    HOST,
-    OPTIONAL_COLUMNS,
-    OVERALL,
-    RUN_COLUMN,
-    TIMESTAMP,
-    UNLABELLED,
-    WORKLOAD,
-    Schema,
-    core_column,
-)
+from cputwin.telemetry.schema import OVERALL, RUN_COLUMN, TIMESTAMP, WORKLOAD, Schema, core_column
 
 METRIC = "node_cpu_seconds_total"
 CHUNK_SECONDS = 3600.0  # one query's range: bounds the size of each answer
@@ -201,7 +191,7 @@ def counters_to_frame(by_time: dict[float, Counters], name: str, step: float | N
         warnings.warn(f"{name}: dropped {fewer} intervals of runs with fewer cores than the "
                       "others", DataWarning, stacklevel=2)
         rows = [r for r in rows if len(r) == width]
-    return pl.DataFrame(rows).with_columns(pl.lit(UNLABELLED).alias(WORKLOAD))
+    return pl.DataFrame(rows).with_columns(pl.lit(schema.UNLABELLED).alias(WORKLOAD))
 
 
 def load_prometheus(url: str, instance: str, start: float, end: float,
@@ -211,7 +201,7 @@ def load_prometheus(url: str, instance: str, start: float, end: float,
     name = f"{file_safe(instance)}_{datetime.fromtimestamp(start, UTC):%Y%m%d_%H%M%S}"
     raw = counters_to_frame(fetch_counters(url, instance, start, end), name, step)
     frame = check_run(raw, f"{url} ({instance})")
-    return frame.insert_column(1, pl.Series(HOST, [instance] * frame.height))
+    return frame.insert_column(1, pl.Series(schema.HOST, [instance] * frame.height))
 
 
 def import_prometheus(url: str, instance: str, start: float, end: float, out_dir: Path,
@@ -277,7 +267,7 @@ class NodeExporterSampler:
         self.last = [overall, *cores]
         row: dict[str, Any] = {TIMESTAMP: now, OVERALL: overall,
                                **{core_column(i): v for i, v in enumerate(cores)}}
-        row.update({c: None for c in OPTIONAL_COLUMNS})
+        row.update({c: None for c in schema.OPTIONAL_COLUMNS})
         row.update(freq)
         row[WORKLOAD] = workload
         return row
@@ -289,10 +279,10 @@ def parse_node_metrics(body: bytes, url: str) -> tuple[Counters, dict[str, float
     from prometheus_client.parser import text_string_to_metric_families
 
     counters: Counters = {}
-    freq: dict[str, list[float]] = {c: [] for c in FREQ_COLUMNS}
+    freq: dict[str, list[float]] = {c: [] for c in schema.FREQ_COLUMNS}
     freq_metrics = dict(zip(("node_cpu_scaling_frequency_hertz",
                              "node_cpu_scaling_frequency_min_hertz",
-                             "node_cpu_scaling_frequency_max_hertz"), FREQ_COLUMNS, strict=True))
+                             "node_cpu_scaling_frequency_max_hertz"), schema.FREQ_COLUMNS, strict=True))
     try:
         text = body.decode("utf-8")
         for family in text_string_to_metric_families(text):

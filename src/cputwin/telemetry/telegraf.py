@@ -26,15 +26,7 @@ import polars as pl
 from cputwin.errors import DataError
 from cputwin.telemetry.counters import MODES, CounterBreak, interval_utilisation, run_starts
 from cputwin.telemetry.ingest import DataWarning
-from cputwin.telemetry.schema import (
-    HOST,
-    OVERALL,
-    RUN_COLUMN,
-    TIMESTAMP,
-    UNLABELLED,
-    WORKLOAD,
-    core_column,
-)
+from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD, core_column
 
 MEASUREMENT = "cpu"
 TOTAL = "cpu-total"
