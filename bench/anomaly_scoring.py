@@ -4,8 +4,9 @@ Every detector, cputwin's and the baselines', ends as one thing: per run, per ti
 core, a score relative to its calibrated threshold (`Scored.rel`, 1 = the threshold). The
 same alarm logic (cputwin's `Hysteresis`: raise after `raise_ticks` ticks above, clear
 after `clear_ticks` below) then turns every detector's scores into alarms, so they differ
-only in what they score. A baseline's raw score is smoothed with cputwin's EWMA weight and
-its threshold set by cputwin's own rule (`threshold_for_rate`: the level an exponential
+only in what they score. A baseline's raw score is smoothed as cputwin smooths its own (a
+median of the last `window` ticks, or an EWMA for older twins) and its threshold set by
+cputwin's own rule (`threshold_for_rate`: the level an exponential
 tail of the training scores' peaks puts at the rate), so all meet the same rate alike.
 
 Baselines (each fitted on the training runs only):
@@ -21,6 +22,7 @@ Baselines (each fitted on the training runs only):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,13 +74,16 @@ class Alarm:
     clear_ticks: int = 10
     clear_level: float = 1.0
     rate_per_hour: float = 1.0
+    smoother: str = "ewma"  # or "median" (of the last `window` ticks), as cputwin's detector
+    window: int = 5
 
     @classmethod
     def of(cls, detector: Detector) -> Alarm:
         """A calibrated cputwin detector's smoothing, hysteresis and rate, for every
         baseline (its durations turned into ticks at the recording's rate)."""
         return cls(detector.alpha, detector.raise_ticks, detector.clear_ticks,
-                   detector.clear_level, detector.false_alarms_per_hour)
+                   detector.clear_level, detector.false_alarms_per_hour, detector.smoother,
+                   detector.window_ticks)
 
 
 # ------------------------------------------------------------------ thresholds
@@ -95,6 +100,24 @@ def ewma(x: np.ndarray, alpha: float) -> np.ndarray:
                                                         alpha * row + (1 - alpha) * state))
         out[i] = np.where(np.isnan(row), np.nan, state)
     return out
+
+
+def rolling_median(x: np.ndarray, window: int) -> np.ndarray:
+    """Column-wise median of the last `window` values (fewer at the start), NaN skipped, as
+    cputwin's detector smooths; NaN where the value is NaN."""
+    x = np.asarray(x, float)
+    out = np.full_like(x, np.nan)
+    for i in range(x.shape[0]):
+        block = x[max(0, i - window + 1):i + 1]
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[i] = np.where(np.isnan(x[i]), np.nan, np.nanmedian(block, axis=0))
+    return out
+
+
+def smooth(x: np.ndarray, alarm: Alarm) -> np.ndarray:
+    """A baseline's raw scores smoothed as cputwin smooths its own (`alarm.smoother`)."""
+    return rolling_median(x, alarm.window) if alarm.smoother == "median" else ewma(x, alarm.alpha)
 
 
 def threshold_for_rate(series: list[np.ndarray], rate_hz: float, alarm: Alarm) -> float:
@@ -274,7 +297,7 @@ class Calibrated:
 
     def fit(self, runs: list[Run]) -> Calibrated:
         self.baseline.fit(runs)
-        smoothed = [ewma(self.baseline.raw(r), self.alarm.alpha) for r in runs]
+        smoothed = [smooth(self.baseline.raw(r), self.alarm) for r in runs]
         groups = [self.baseline.group(r) for r in runs]
         self.thresholds_ = {}
         for core in range(runs[0].cores.shape[1]):
@@ -286,7 +309,7 @@ class Calibrated:
         return self
 
     def score(self, run: Run) -> Scored:
-        smoothed = ewma(self.baseline.raw(run), self.alarm.alpha)
+        smoothed = smooth(self.baseline.raw(run), self.alarm)
         g = self.baseline.group(run)
         thresholds = np.array([self.thresholds_.get((c, g), self.thresholds_[c, GLOBAL])
                                for c in range(smoothed.shape[1])])

@@ -184,6 +184,8 @@ def detector_problem(block: Any) -> str | None:
     checks = {
         "alpha": lambda v: _number(v, positive=True) and v <= 1,
         "raise_ticks": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "window_ticks": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "smoother": lambda v: v in ("median", "ewma"),
         "clear_ticks": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
         "false_alarms_per_hour": lambda v: _number(v, positive=True),
         "two_sided": lambda v: isinstance(v, bool),

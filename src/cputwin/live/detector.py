@@ -5,12 +5,17 @@ per workload where a workload has enough of them:
 
     z      = (residual − centre[w]) / scale[w]        robust centre and scale (median, MAD;
                                                       the scale floored at a reading's rounding)
-    score  = EWMA of z (time constant `smoothing_s`)  smooths 100 ms noise
+    score  = median of z over the last `window_s`     a spike of a tick or two (a process
+                                                      waking, a task migrating between cores
+                                                      while the twin's lags catch up) moves
+                                                      a median of 5 ticks not at all
     alarm  raised after `raise_s` seconds of score > `threshold`,
            cleared after `clear_s` seconds of score < `clear_level` × `threshold`
 
-The durations become ticks at the data's rate (10 Hz: 5 ticks to raise, 10 to clear; at a
-1 s scrape, 1 tick to raise), so a twin of slow data is as quick as its data allows.
+The durations become ticks at the data's rate (10 Hz: a window of 5 ticks, 3 to raise, 10
+to clear; at a 1 s scrape, the raw z and 1 tick to raise), so a twin of slow data is as
+quick as its data allows. Twins calibrated with an exponentially weighted score
+(`smoother="ewma"`, time constant `smoothing_s`) keep it.
 
 `threshold` is the level an exponential tail, fitted to the episode peaks of the
 calibration's sustained scores, puts at `false_alarms_per_hour`
@@ -19,7 +24,16 @@ themselves, so it is extrapolated; the tail's scale comes from the median excess
 a few stretches of load the labels do not explain (a cron job, another user) cannot
 inflate. Such stretches are counted and reported (`unexplained`), not learnt as normal.
 Once calibration covers an hour at the rate, the threshold is also at least the lowest
-level the calibration itself shows to meet the rate.
+level the calibration itself shows to meet the rate. It is never below `noise_floor`: the
+level one tick of Gaussian noise at the residual's scale crosses at the rate (4.0 robust
+standard deviations at 10 Hz and once an hour). Minutes of calibration cannot vouch for a
+lower one, and on fresh recordings lower ones raised false alarms.
+
+A machine twin's cores share one threshold (`calibrate_pooled`): the median of the
+thresholds each core's own calibration sets. Each is extrapolated from minutes and errs
+either way; an alarm rate grows exponentially as a threshold falls, so the core whose
+estimate came out low would raise most of the false alarms. The cores' scores are each
+standardised by their own centre and scale, so one level means the same on every core.
 
 `power[w]` is what the threshold means in load: the smallest sustained extra load on
 the core (utilisation points) that raises an alarm within `POWER_WINDOW_S` seconds in
@@ -31,11 +45,13 @@ expected (a stuck scheduler).
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.stats import chi2
+from scipy.stats import chi2, norm
 
 GLOBAL = "*"
 MIN_ROWS_PER_WORKLOAD = 60
@@ -53,18 +69,28 @@ def resolution_floor(rate_hz: float) -> float:
     return max(1.0, 100.0 * rate_hz / USER_HZ / np.sqrt(12))
 
 
+def noise_floor(rate_hz: float, false_alarms_per_hour: float) -> float:
+    """The lowest threshold calibration may set: where one tick of standard Gaussian noise
+    is crossed `false_alarms_per_hour` times an hour at `rate_hz` (4.0 at 10 Hz and 1/h)."""
+    ticks_per_hour = 3600.0 * rate_hz
+    return float(norm.isf(min(0.5, false_alarms_per_hour / ticks_per_hour)))
+
+
 @dataclass
 class Detector:
     # settings
     false_alarms_per_hour: float = 1.0
     two_sided: bool = False
+    smoother: str = "median"  # or "ewma"
+    window_s: float = 0.5
     smoothing_s: float = 0.28
-    raise_s: float = 0.5
+    raise_s: float = 0.3
     clear_s: float = 1.0
     clear_level: float = 1.0
     # fitted: the durations in ticks at the calibration's rate, scores, threshold, power
     alpha: float = 0.3
-    raise_ticks: int = 5
+    window_ticks: int = 5
+    raise_ticks: int = 3
     clear_ticks: int = 10
     rate_hz: float = 10.0
     centre: dict[str, float] = field(default_factory=dict)
@@ -76,8 +102,19 @@ class Detector:
     def fit(self, residuals: np.ndarray, workloads: np.ndarray, segments: np.ndarray,
             rate_hz: float) -> Detector:
         """Calibrate from residuals in time order; `segments` labels unbroken stretches."""
+        self.standardise(residuals, workloads, rate_hz)
+        scores, bounds = self.calibration_scores(residuals, workloads, segments)
+        hours = residuals.size / rate_hz / 3600
+        threshold, info = self.threshold_for(scores, bounds, hours)
+        return self.settle(threshold, info, scores, bounds, workloads)
+
+    def standardise(self, residuals: np.ndarray, workloads: np.ndarray,
+                    rate_hz: float) -> Detector:
+        """The durations in ticks at `rate_hz`, and the robust centre and scale of the
+        residuals, overall and per workload with enough rows."""
         self.rate_hz = float(rate_hz)
         self.alpha = 1.0 - math.exp(-1.0 / (rate_hz * self.smoothing_s))
+        self.window_ticks = max(1, round(self.window_s * rate_hz))
         self.raise_ticks = max(1, round(self.raise_s * rate_hz))
         self.clear_ticks = max(1, round(self.clear_s * rate_hz))
         self.centre, self.scale = {}, {}
@@ -89,17 +126,37 @@ class Detector:
             centre = float(np.median(residuals[rows]))
             mad = float(np.median(np.abs(residuals[rows] - centre))) * MAD_TO_SIGMA
             self.centre[name], self.scale[name] = centre, max(mad, floor)
+        return self
+
+    def calibration_scores(self, residuals: np.ndarray, workloads: np.ndarray,
+                           segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of the calibration rows, each unbroken stretch scored from a fresh
+        state, and where each stretch starts."""
         scores = np.concatenate([self._scores(residuals[segments == s], workloads[segments == s])
                                  for s in np.unique(segments)])
-        bounds = np.concatenate([[True], segments[1:] != segments[:-1]])
-        hours = residuals.size / rate_hz / 3600
-        self.threshold, info = threshold_for_rate(
+        return scores, np.concatenate([[True], segments[1:] != segments[:-1]])
+
+    def threshold_for(self, scores: np.ndarray, bounds: np.ndarray,
+                      hours: float) -> tuple[float, dict[str, Any]]:
+        """The threshold these scores put at the false-alarm rate, never under the noise
+        floor."""
+        threshold, info = threshold_for_rate(
             scores, bounds, hours, self.false_alarms_per_hour, self.raise_ticks,
             self.clear_ticks, self.clear_level)
+        info["noise_floor"] = noise_floor(self.rate_hz, self.false_alarms_per_hour)
+        return max(threshold, info["noise_floor"]), info
+
+    def settle(self, threshold: float, info: dict[str, Any], scores: np.ndarray,
+               bounds: np.ndarray, workloads: np.ndarray) -> Detector:
+        """Take `threshold`; derive the power and what the calibration rows show at it."""
+        self.threshold = float(threshold)
         self.power = {w: self.power_for(w) for w in self.scale}
-        self.calibration = {"rows": int(residuals.size), "hours": hours, **info,
-                            "unexplained_workloads": _unexplained_workloads(
-                                scores, bounds, workloads, self.threshold, self.raise_ticks)}
+        self.calibration = {
+            "rows": int(scores.size), "hours": scores.size / self.rate_hz / 3600, **info,
+            "false_alarms": count_raises(scores, bounds, self.threshold, self.raise_ticks,
+                                         self.clear_ticks, self.clear_level),
+            "unexplained_workloads": _unexplained_workloads(
+                scores, bounds, workloads, self.threshold, self.raise_ticks)}
         return self
 
     def power_for(self, workload: str) -> float:
@@ -107,10 +164,15 @@ class Detector:
         POWER_WINDOW_S in this workload: the step response of the smoothed score must
         stay above the threshold for `raise_ticks` ticks inside the window."""
         ticks = int(round(POWER_WINDOW_S * self.rate_hz))
-        if ticks < self.raise_ticks:
-            return float("inf")
         key = workload if workload in self.scale else GLOBAL
-        rise = 1.0 - (1.0 - self.alpha) ** (ticks - self.raise_ticks + 1)
+        if self.smoother == "median":  # the median holds the step once half the window does
+            rise = 1.0 if self.window_ticks // 2 + self.raise_ticks <= ticks else 0.0
+        elif ticks < self.raise_ticks:
+            rise = 0.0
+        else:
+            rise = 1.0 - (1.0 - self.alpha) ** (ticks - self.raise_ticks + 1)
+        if rise <= 0.0:
+            return float("inf")
         return float(max(self.threshold, 0.0) * self.scale[key] / rise)
 
     def blind_spots(self, limit: float = BLIND_POINTS) -> dict[str, float]:
@@ -152,8 +214,9 @@ class Detector:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Detector:
-        # files without `clear_level` were calibrated clearing at half the threshold
-        return cls(**{"clear_level": 0.5, **data})
+        # files without `clear_level` were calibrated clearing at half the threshold, and
+        # files without `smoother` with an exponentially weighted score
+        return cls(**{"clear_level": 0.5, "smoother": "ewma", **data})
 
 
 def threshold_for_rate(scores: np.ndarray, segment_starts: np.ndarray, hours: float,
@@ -327,10 +390,14 @@ class DetectorState:
     def __init__(self, detector: Detector) -> None:
         self.d = detector
         self.ewma: float | None = None
+        self.window: deque[float] = deque(maxlen=detector.window_ticks)
         self.logic = Hysteresis(detector.threshold, detector.raise_ticks, detector.clear_ticks,
                                 detector.clear_level)
 
     def smooth(self, z: float) -> float:
+        if self.d.smoother == "median":
+            self.window.append(z)
+            return statistics.median(self.window)
         self.ewma = z if self.ewma is None else self.d.alpha * z + (1 - self.d.alpha) * self.ewma
         return self.ewma
 
@@ -342,15 +409,35 @@ class DetectorState:
 
 def calibrate(stack: Any, frame: Any, **settings: Any) -> Detector | dict[str, Detector]:
     """A detector for a fitted `TwinStack`, from the out-of-fold residuals of its training
-    frame (the rows each base model never saw); for a machine twin, one per core."""
+    frame (the rows each base model never saw); for a machine twin, one per core, sharing
+    one threshold (`calibrate_pooled`)."""
     if getattr(stack, "machine_", False):
-        return {core: _calibrate_core(stack, frame, k, settings)
-                for k, core in enumerate(stack.targets_)}
-    return _calibrate_core(stack, frame, 0, settings)
+        return calibrate_pooled({core: _calibration_rows(stack, frame, k)
+                                 for k, core in enumerate(stack.targets_)}, **settings)
+    return Detector(**settings).fit(*_calibration_rows(stack, frame, 0))
 
 
-def _calibrate_core(stack: Any, frame: Any, k: int, settings: dict[str, Any]) -> Detector:
-    """Core k's detector: its out-of-fold rows (a machine twin stacks core after core)."""
+def calibrate_pooled(rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+                     **settings: Any) -> dict[str, Detector]:
+    """One detector per core from each core's (residuals, workloads, segments, rate):
+    each its own centre, scale and calibration; one threshold, the median of theirs."""
+    detectors, scored = {}, {}
+    for core, (residuals, workloads, segments, rate_hz) in rows.items():
+        detectors[core] = Detector(**settings).standardise(residuals, workloads, rate_hz)
+        scored[core] = detectors[core].calibration_scores(residuals, workloads, segments)
+    own = {core: d.threshold_for(*scored[core], rows[core][0].size / d.rate_hz / 3600)
+           for core, d in detectors.items()}
+    shared = float(np.median([threshold for threshold, _ in own.values()]))
+    return {core: d.settle(shared, {**own[core][1], "own_threshold": own[core][0],
+                                    "pooled_cores": len(detectors)},
+                           *scored[core], rows[core][1])
+            for core, d in detectors.items()}
+
+
+def _calibration_rows(stack: Any, frame: Any,
+                      k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Core k's out-of-fold residuals, workloads, unbroken stretches and rate (a machine
+    twin stacks core after core)."""
     import polars as pl
 
     from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD
@@ -365,4 +452,4 @@ def _calibrate_core(stack: Any, frame: Any, k: int, settings: dict[str, Any]) ->
     breaks = np.concatenate([[False], (runs[1:] != runs[:-1]) | (np.diff(rows) != 1)])
     step_s = frame.select(pl.col(TIMESTAMP).diff().over(RUN_COLUMN).median()).item()
     rate_hz = 1.0 / step_s if step_s and step_s > 0 else 10.0
-    return Detector(**settings).fit(residuals, workloads, np.cumsum(breaks), rate_hz)
+    return residuals, workloads, np.cumsum(breaks), rate_hz
