@@ -81,8 +81,9 @@ class Alarm:
     def of(cls, detector: Detector) -> Alarm:
         """A calibrated cputwin detector's smoothing, hysteresis and rate, for every
         baseline (its durations turned into ticks at the recording's rate)."""
+        settings = detector.settings
         return cls(detector.alpha, detector.raise_ticks, detector.clear_ticks,
-                   detector.clear_level, detector.false_alarms_per_hour, detector.smoother,
+                   settings.clear_level, settings.false_alarms_per_hour, settings.smoother,
                    detector.window_ticks)
 
 

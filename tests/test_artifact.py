@@ -149,6 +149,11 @@ def test_deep_nesting_is_refused_not_a_recursion_error(tmp_path):
     {"centre": {"*": 0.0}, "scale": {"*": -1.0}, "threshold": 3.0},
     {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": 3.0, "alpha": 2.0},
     {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": 3.0, "oops": 1},
+    {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": 3.0, "settings": "median"},
+    {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": 3.0,
+     "settings": {"smoother": "mean"}},
+    {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": 3.0, "settings": {"oops": 1}},
+    {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": 3.0, "window_ticks": 0},
     {"cpu_util_core_0": {"centre": {"*": 0.0}, "scale": {"*": 1.0}, "threshold": 3.0},
      "cpu_util_core_1": {"threshold": 3.0}},
 ])
@@ -165,3 +170,27 @@ def test_a_detector_per_core_is_accepted(twin_file, tmp_path):
     path = save_twin(stack, tmp_path / "d.cputwin", training={}, metrics={},
                      detector={"cpu_util_core_0": one, "cpu_util_core_1": one})
     load_twin(path)
+
+
+def test_a_version_1_file_with_settings_beside_the_fitted_state_still_loads(twin_file,
+                                                                           tmp_path):
+    from cputwin.live.detector import Detector
+    from cputwin.live.twin import open_twin
+
+    stack, _ = twin_file
+    det = Detector(threshold=3.0, centre={"*": 0.0}, scale={"*": 2.0}, raise_ticks=5)
+    path = save_twin(stack, tmp_path / "v2.cputwin", training={}, metrics={},
+                     detector=det.to_dict())
+
+    def as_version_1(payload):
+        block = payload["detector"]
+        block.update(block.pop("settings"))
+        del block["smoother"]  # version-1 files scored with an EWMA
+
+    old = _rehashed(path, tmp_path, as_version_1)
+    doc = json.loads(gzip.decompress(old.read_bytes()))
+    doc["format_version"] = 1
+    old.write_bytes(gzip.compress(json.dumps(doc).encode()))
+    loaded = open_twin(old).detector
+    assert loaded.settings.smoother == "ewma" and loaded.raise_ticks == 5
+    assert loaded.threshold == 3.0 and loaded.scale == {"*": 2.0}

@@ -9,6 +9,7 @@ import pytest
 from cputwin import TwinStack
 from cputwin.live.detector import (
     Detector,
+    DetectorSettings,
     Hysteresis,
     calibrate,
     calibrate_pooled,
@@ -41,12 +42,19 @@ def test_a_clear_level_under_the_threshold_keeps_an_alarm_up_through_normal_nois
         assert events[2] == "raise" and ("clear" in events) is cleared
 
 
+def flat(det: Detector) -> dict:
+    """A detector as files kept it before its settings had their own block."""
+    data = det.to_dict()
+    return {**data.pop("settings"), **data}
+
+
 def test_twins_saved_before_the_clear_level_keep_clearing_at_half():
     det = Detector(threshold=2.0)
-    old = det.to_dict()
+    old = flat(det)
     del old["clear_level"]
-    assert Detector.from_dict(old).clear_level == 0.5
+    assert Detector.from_dict(old).settings.clear_level == 0.5
     assert Detector.from_dict(det.to_dict()) == det
+    assert Detector.from_dict(flat(det)) == det  # settings beside the fitted state
 
 
 def test_threshold_meets_the_stated_false_alarm_rate():
@@ -54,9 +62,9 @@ def test_threshold_meets_the_stated_false_alarm_rate():
     residuals = rng.standard_t(3, 36_000) * 3  # an hour at 10 Hz, heavy tails
     wl = np.array(["w"] * residuals.size)
     seg = np.repeat(np.arange(10), 3600)
-    det = Detector(false_alarms_per_hour=1.0).fit(residuals, wl, seg, rate_hz=10)
+    det = Detector(DetectorSettings(false_alarms_per_hour=1.0)).fit(residuals, wl, seg, rate_hz=10)
     assert det.calibration["false_alarms"] <= 1
-    looser = Detector(false_alarms_per_hour=50.0).fit(residuals, wl, seg, rate_hz=10)
+    looser = Detector(DetectorSettings(false_alarms_per_hour=50.0)).fit(residuals, wl, seg, rate_hz=10)
     assert looser.threshold < det.threshold
     scores = det._scores(residuals, wl)
     starts = np.r_[True, seg[1:] != seg[:-1]]
@@ -68,7 +76,7 @@ def test_a_short_calibration_extrapolates_the_tail_to_the_stated_rate():
     # them is their maximum, which ten hours of the same process exceed again and again.
     rng = np.random.default_rng(1)
     short = rng.laplace(0, 2, 3600)
-    det = Detector(false_alarms_per_hour=1.0).fit(short, np.array(["w"] * short.size),
+    det = Detector(DetectorSettings(false_alarms_per_hour=1.0)).fit(short, np.array(["w"] * short.size),
                                                    np.repeat(np.arange(6), 600), rate_hz=10)
     long = rng.laplace(0, 2, 360_000)  # ten hours at 10 Hz
     segments = np.repeat(np.arange(100), 3600)
@@ -222,7 +230,7 @@ def test_one_short_burst_in_calibration_costs_its_sustained_level_not_its_peak()
     residuals[1800:1802] = 80.0
     wl = np.array(["w"] * residuals.size)
     seg = np.zeros(residuals.size, int)
-    det = Detector(false_alarms_per_hour=1.0, smoother="ewma", raise_s=0.5).fit(
+    det = Detector(DetectorSettings(false_alarms_per_hour=1.0, smoother="ewma", raise_s=0.5)).fit(
         residuals, wl, seg, rate_hz=10)
     scores = det._scores(residuals, wl)
     starts = np.r_[True, np.zeros(residuals.size - 1, bool)]
@@ -274,9 +282,9 @@ def test_a_machine_twins_cores_share_the_median_of_their_thresholds():
 
 
 def test_twins_calibrated_with_an_ewma_score_keep_it():
-    old = Detector(threshold=2.0).to_dict()
+    old = flat(Detector(threshold=2.0))
     del old["smoother"]
-    assert Detector.from_dict(old).smoother == "ewma"
+    assert Detector.from_dict(old).settings.smoother == "ewma"
 
 
 def _normal_minutes(minutes: float, seed: int, scale: float = 3.0) -> np.ndarray:

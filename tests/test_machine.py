@@ -124,12 +124,13 @@ def test_a_twin_value_is_a_utilisation_on_both_paths(p, intercept, weights):
 
 def test_detector_files_without_durations_keep_their_ticks():
     old = Detector(threshold=3.0, centre={"*": 0.0}, scale={"*": 3.0}, raise_ticks=5).to_dict()
+    old.update(old.pop("settings"))  # as files kept settings beside the fitted state
     for name in ("smoothing_s", "raise_s", "clear_s", "rate_hz", "power", "smoother",
                  "window_s", "window_ticks"):
         old.pop(name)
     det = Detector.from_dict(old)
     assert (det.alpha, det.raise_ticks, det.clear_ticks) == (0.3, 5, 10)
-    assert det.smoother == "ewma"
+    assert det.settings.smoother == "ewma"
 
 
 def test_serve_answers_for_every_core_of_a_machine_twin(machine_file, sample_frame):

@@ -1,6 +1,6 @@
 """The twin file: gzip-compressed JSON, checked before anything in it is used.
 
-Layout: {"format": "cputwin-twin", "format_version": 1, "payload_sha256": ...,
+Layout: {"format": "cputwin-twin", "format_version": 2, "payload_sha256": ...,
 "payload": {...}} and, when signed, "payload_hmac_sha256". The payload holds LightGBM
 text models, the linear meta-model's weights, the anomaly detector's calibration, feature
 specs, workload categories, the schema, a fingerprint of the training files, metrics and
@@ -30,7 +30,8 @@ from cputwin.models import TwinStack
 from cputwin.output import write_atomic
 
 FORMAT = "cputwin-twin"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a detector's settings in their own block
+READS_VERSIONS = (1, 2)  # 1: settings beside the fitted state (Detector.from_dict reads both)
 PACKAGES = ("cputwin", "lightgbm", "scikit-learn", "polars", "numpy")
 
 
@@ -107,10 +108,10 @@ def read_payload(path: Path, key: str | bytes | None = None) -> dict[str, Any]:
         raise ArtifactError(f"{path}: not a cputwin twin file (nested too deeply)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a cputwin twin file")
-    if doc.get("format_version") != FORMAT_VERSION:
+    if doc.get("format_version") not in READS_VERSIONS:
         raise ArtifactError(
             f"{path}: twin format version {doc.get('format_version')!r} is not supported "
-            f"(this cputwin reads {FORMAT_VERSION})"
+            f"(this cputwin reads {', '.join(map(str, READS_VERSIONS))})"
         )
     payload = doc.get("payload")
     canonical = _canonical(payload) if isinstance(payload, dict) else b""
@@ -168,7 +169,7 @@ def detector_problem(block: Any) -> str | None:
     `serve` listens."""
     if block is None:
         return None
-    from cputwin.live.detector import GLOBAL, Detector
+    from cputwin.live.detector import GLOBAL, SETTINGS, Detector
 
     if not isinstance(block, dict):
         return "not an object"
@@ -178,7 +179,11 @@ def detector_problem(block: Any) -> str | None:
             if problem:
                 return f"{core}: {problem}"
         return None
-    unknown = set(block) - set(Detector.__dataclass_fields__)
+    settings = block.get("settings", {})
+    if not isinstance(settings, dict):
+        return "settings is not an object"
+    block = {**settings, **{k: v for k, v in block.items() if k != "settings"}}
+    unknown = set(block) - set(Detector.__dataclass_fields__) - SETTINGS
     if unknown:
         return f"unknown field {sorted(unknown)[0]!r}"
     checks = {

@@ -76,9 +76,10 @@ def noise_floor(rate_hz: float, false_alarms_per_hour: float) -> float:
     return float(norm.isf(min(0.5, false_alarms_per_hour / ticks_per_hour)))
 
 
-@dataclass
-class Detector:
-    # settings
+@dataclass(frozen=True)
+class DetectorSettings:
+    """What a user chooses; durations in seconds, whatever the data's rate."""
+
     false_alarms_per_hour: float = 1.0
     two_sided: bool = False
     smoother: str = "median"  # or "ewma"
@@ -87,7 +88,17 @@ class Detector:
     raise_s: float = 0.3
     clear_s: float = 1.0
     clear_level: float = 1.0
-    # fitted: the durations in ticks at the calibration's rate, scores, threshold, power
+
+
+SETTINGS = frozenset(DetectorSettings.__dataclass_fields__)
+
+
+@dataclass
+class Detector:
+    """Settings, and what calibration fitted: the durations in ticks at the data's rate,
+    the residuals' centre and scale, the threshold and the power."""
+
+    settings: DetectorSettings = field(default_factory=DetectorSettings)
     alpha: float = 0.3
     window_ticks: int = 5
     raise_ticks: int = 3
@@ -113,10 +124,10 @@ class Detector:
         """The durations in ticks at `rate_hz`, and the robust centre and scale of the
         residuals, overall and per workload with enough rows."""
         self.rate_hz = float(rate_hz)
-        self.alpha = 1.0 - math.exp(-1.0 / (rate_hz * self.smoothing_s))
-        self.window_ticks = max(1, round(self.window_s * rate_hz))
-        self.raise_ticks = max(1, round(self.raise_s * rate_hz))
-        self.clear_ticks = max(1, round(self.clear_s * rate_hz))
+        self.alpha = 1.0 - math.exp(-1.0 / (rate_hz * self.settings.smoothing_s))
+        self.window_ticks = max(1, round(self.settings.window_s * rate_hz))
+        self.raise_ticks = max(1, round(self.settings.raise_s * rate_hz))
+        self.clear_ticks = max(1, round(self.settings.clear_s * rate_hz))
         self.centre, self.scale = {}, {}
         floor = resolution_floor(rate_hz)
         groups = [(GLOBAL, np.ones(residuals.size, bool))] + [
@@ -141,9 +152,9 @@ class Detector:
         """The threshold these scores put at the false-alarm rate, never under the noise
         floor."""
         threshold, info = threshold_for_rate(
-            scores, bounds, hours, self.false_alarms_per_hour, self.raise_ticks,
-            self.clear_ticks, self.clear_level)
-        info["noise_floor"] = noise_floor(self.rate_hz, self.false_alarms_per_hour)
+            scores, bounds, hours, self.settings.false_alarms_per_hour, self.raise_ticks,
+            self.clear_ticks, self.settings.clear_level)
+        info["noise_floor"] = noise_floor(self.rate_hz, self.settings.false_alarms_per_hour)
         return max(threshold, info["noise_floor"]), info
 
     def settle(self, threshold: float, info: dict[str, Any], scores: np.ndarray,
@@ -154,7 +165,7 @@ class Detector:
         self.calibration = {
             "rows": int(scores.size), "hours": scores.size / self.rate_hz / 3600, **info,
             "false_alarms": count_raises(scores, bounds, self.threshold, self.raise_ticks,
-                                         self.clear_ticks, self.clear_level),
+                                         self.clear_ticks, self.settings.clear_level),
             "unexplained_workloads": _unexplained_workloads(
                 scores, bounds, workloads, self.threshold, self.raise_ticks)}
         return self
@@ -165,7 +176,7 @@ class Detector:
         stay above the threshold for `raise_ticks` ticks inside the window."""
         ticks = int(round(POWER_WINDOW_S * self.rate_hz))
         key = workload if workload in self.scale else GLOBAL
-        if self.smoother == "median":  # the median holds the step once half the window does
+        if self.settings.smoother == "median":  # holds the step once half the window does
             rise = 1.0 if self.window_ticks // 2 + self.raise_ticks <= ticks else 0.0
         elif ticks < self.raise_ticks:
             rise = 0.0
@@ -199,7 +210,7 @@ class Detector:
     def z(self, residual: float, workload: str) -> float:
         key = workload if workload in self.scale else GLOBAL
         value = (residual - self.centre[key]) / self.scale[key]
-        return abs(value) if self.two_sided else value
+        return abs(value) if self.settings.two_sided else value
 
     def _scores(self, residuals: np.ndarray, workloads: np.ndarray) -> np.ndarray:
         state = DetectorState(self)
@@ -214,9 +225,15 @@ class Detector:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Detector:
-        # files without `clear_level` were calibrated clearing at half the threshold, and
-        # files without `smoother` with an exponentially weighted score
-        return cls(**{"clear_level": 0.5, "smoother": "ewma", **data})
+        """From `to_dict`, or from a file that kept settings beside the fitted state: those
+        without `clear_level` were calibrated clearing at half the threshold, and those
+        without `smoother` with an exponentially weighted score."""
+        fitted = {k: v for k, v in data.items() if k not in SETTINGS}
+        settings = fitted.pop("settings", None)
+        if settings is None:
+            settings = {"clear_level": 0.5, "smoother": "ewma",
+                        **{k: v for k, v in data.items() if k in SETTINGS}}
+        return cls(DetectorSettings(**settings), **fitted)
 
 
 def threshold_for_rate(scores: np.ndarray, segment_starts: np.ndarray, hours: float,
@@ -392,10 +409,10 @@ class DetectorState:
         self.ewma: float | None = None
         self.window: deque[float] = deque(maxlen=detector.window_ticks)
         self.logic = Hysteresis(detector.threshold, detector.raise_ticks, detector.clear_ticks,
-                                detector.clear_level)
+                                detector.settings.clear_level)
 
     def smooth(self, z: float) -> float:
-        if self.d.smoother == "median":
+        if self.d.settings.smoother == "median":
             self.window.append(z)
             return statistics.median(self.window)
         self.ewma = z if self.ewma is None else self.d.alpha * z + (1 - self.d.alpha) * self.ewma
@@ -414,7 +431,7 @@ def calibrate(stack: Any, frame: Any, **settings: Any) -> Detector | dict[str, D
     if getattr(stack, "machine_", False):
         return calibrate_pooled({core: _calibration_rows(stack, frame, k)
                                  for k, core in enumerate(stack.targets_)}, **settings)
-    return Detector(**settings).fit(*_calibration_rows(stack, frame, 0))
+    return Detector(DetectorSettings(**settings)).fit(*_calibration_rows(stack, frame, 0))
 
 
 def calibrate_pooled(rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
@@ -423,7 +440,8 @@ def calibrate_pooled(rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, f
     each its own centre, scale and calibration; one threshold, the median of theirs."""
     detectors, scored = {}, {}
     for core, (residuals, workloads, segments, rate_hz) in rows.items():
-        detectors[core] = Detector(**settings).standardise(residuals, workloads, rate_hz)
+        detectors[core] = Detector(DetectorSettings(**settings)).standardise(
+            residuals, workloads, rate_hz)
         scored[core] = detectors[core].calibration_scores(residuals, workloads, segments)
     own = {core: d.threshold_for(*scored[core], rows[core][0].size / d.rate_hz / 3600)
            for core, d in detectors.items()}
