@@ -34,14 +34,14 @@ def run(data: Path, target: str) -> dict:
             ev, stack = evaluate_honest(frame, make_stack(target, "twin", mode))
             s = ev.summary
             seed = evaluate_honest(frame, make_stack(target, "seed", mode))[0].summary
-            metrics = {m: {**s[m], **{f"seed {k}": v for k, v in seed[m].items()
-                                      if k in ("v2.0", "v2.3", "stack")}}
+            metrics = {m: {**getattr(s, m), **{f"seed {k}": v for k, v in getattr(seed, m).items()
+                                               if k in ("v2.0", "v2.3", "stack")}}
                        for m in ("r2", "mae", "rmse")}
             out["modes"][mode] = {
                 **metrics,
-                "meta": {"kind": s["meta"]["kind"], "weights": s["meta"]["weights"]},
-                "training_seconds": s["training_seconds"],
-                "rows": s["rows"],
+                "meta": {"kind": s.meta.kind, "weights": s.meta.weights},
+                "training_seconds": s.training_seconds,
+                "rows": s.rows.to_dict(),
             }
     return out
 

@@ -55,9 +55,9 @@ def run(rows: int, workers: int, bases: list[str], max_rounds: int) -> dict:
         remote, _ = evaluate_honest(frame, stack(),
                                     fit=lambda st, fr, pr=None: fit_on_dask(st, fr, client, pr))
     return {"rows": rows, "workers": workers, "bases": bases, "max_rounds": max_rounds,
-            "local_s": local.summary["training_seconds"],
-            "dask_s": remote.summary["training_seconds"], "dask_startup_s": startup,
-            "r2_local": local.summary["r2"]["stack"], "r2_dask": remote.summary["r2"]["stack"]}
+            "local_s": local.summary.training_seconds,
+            "dask_s": remote.summary.training_seconds, "dask_startup_s": startup,
+            "r2_local": local.summary.r2["stack"], "r2_dask": remote.summary.r2["stack"]}
 
 
 def main() -> None:

@@ -49,9 +49,9 @@ def score(frame: pl.DataFrame, target: str, bases: str, mode: str, threads: int)
                                   if b.learner == "lgbm"})
     evaluation, stack = evaluate_honest(frame, stack)
     s = evaluation.summary
-    return {"r2": s["r2"]["stack"], "mae": s["mae"]["stack"],
-            "workload_mean_r2": s["r2"]["workload_mean"], "meta": s["meta"]["kind"],
-            "training_seconds": s["training_seconds"], "rows": s["rows"],
+    return {"r2": s.r2["stack"], "mae": s.mae["stack"],
+            "workload_mean_r2": s.r2["workload_mean"], "meta": s.meta.kind,
+            "training_seconds": s.training_seconds, "rows": s.rows.to_dict(),
             "timing": stack.time_span()}
 
 

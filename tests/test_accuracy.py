@@ -23,7 +23,7 @@ def seed_frame(seed_data):
 
 def test_sensor_twin_of_core_0_beats_every_base_and_reaches_0_935(seed_frame):
     evaluation, stack = evaluate_honest(seed_frame, make_stack("cpu_util_core_0", "twin", "sensor"))
-    r2 = evaluation.summary["r2"]
+    r2 = evaluation.summary.r2
     best_base = max(r2[b.name] for b in stack.base_specs_)
     assert r2["stack"] >= best_base - 0.002
     assert r2["stack"] >= 0.935

@@ -15,6 +15,14 @@ from typer.testing import CliRunner
 
 from cputwin import cli
 from cputwin.cli import app
+from cputwin.evaluation.summary import (
+    GroupScores,
+    Headline,
+    MetaSummary,
+    ProtocolSummary,
+    Rows,
+    TargetsSummary,
+)
 
 runner = CliRunner()
 COMMANDS = [["evaluate"], ["train"], ["predict"], ["collect"], ["recover"], ["demo"],
@@ -138,21 +146,26 @@ def test_evaluate_reads_at_80_columns_and_soberly(evaluated):
     assert re.search(r"^stack: R² -?\d\.\d{4}, MAE", text, re.M)
 
 
+def stack_summary(r2: float, mae: float, rmse: float = 1.0,
+                  per_workload: dict[str, GroupScores] | None = None) -> ProtocolSummary:
+    """A summary of the stack alone: what the renderers read."""
+    return ProtocolSummary(
+        protocol="honest", target="cpu_util_core_0", mode="sensor", bases=[],
+        rows=Rows(train=80, test=20), r2={"stack": r2}, mae={"stack": mae},
+        rmse={"stack": rmse}, per_workload=per_workload or {},
+        meta=MetaSummary(kind="best", weights={}, intercept=0.0), verdict="")
+
+
+def stack_group(r2: float, rmse: float, mae: float) -> GroupScores:
+    return GroupScores(r2={"stack": r2}, mae={"stack": mae}, rmse={"stack": rmse}, rows=60)
+
+
 def test_a_low_or_missing_workload_r2_is_explained():
     from cputwin.evaluation.report import workload_notes
 
-    nan = float("nan")
-    summary = {
-        "r2": {"stack": 0.96}, "rmse": {"stack": 5.0}, "mae": {"stack": 4.0},
-        "per_workload": {
-            "idle": {"r2": {"stack": 0.19}, "rmse": {"stack": 0.9}, "mae": {"stack": 0.5},
-                     "rows": 60},
-            "pinned": {"r2": {"stack": nan}, "rmse": {"stack": 1.5}, "mae": {"stack": 1.2},
-                       "rows": 60},
-            "busy": {"r2": {"stack": 0.10}, "rmse": {"stack": 19.0}, "mae": {"stack": 15.0},
-                     "rows": 60},
-            "fine": {"r2": {"stack": 0.90}, "rmse": {"stack": 2.0}, "mae": {"stack": 1.0},
-                     "rows": 60}}}
+    summary = stack_summary(0.96, 4.0, 5.0, per_workload={
+        "idle": stack_group(0.19, 0.9, 0.5), "pinned": stack_group(float("nan"), 1.5, 1.2),
+        "busy": stack_group(0.10, 19.0, 15.0), "fine": stack_group(0.90, 2.0, 1.0)})
     notes = workload_notes(summary)
     assert len(notes) == 3
     idle, pinned, busy = notes
@@ -166,12 +179,10 @@ def test_a_low_or_missing_workload_r2_is_explained():
 def test_a_core_that_never_moved_is_explained_in_the_every_core_table(monkeypatch):
     screen = Console(file=io.StringIO(), width=80, color_system=None)
     monkeypatch.setattr(cli, "out", screen)
-    one = {"protocol": "honest", "mode": "sensor", "rows": {"train": 80, "test": 20}}
-    cli.render_targets({
-        "targets": {"cpu_util_core_0": {**one, "r2": {"stack": 0.9}, "mae": {"stack": 2.0}},
-                    "cpu_util_core_1": {**one, "r2": {"stack": float("nan")},
-                                        "mae": {"stack": 0.25}}},
-        "mean": {"r2": 0.9, "mae": 1.1, "rmse": 1.5}})
+    cli.render_targets(TargetsSummary(
+        targets={"cpu_util_core_0": stack_summary(0.9, 2.0),
+                 "cpu_util_core_1": stack_summary(float("nan"), 0.25)},
+        mean=Headline(0.9, 1.1, 1.5)))
     text = " ".join(screen.file.getvalue().split())
     assert "cpu_util_core_1: R² n/a: the core held one value over its 20 test rows" in text
     assert "cpu_util_core_0: R² n/a" not in text
@@ -206,8 +217,8 @@ def test_report_plots_break_lines_at_gaps_and_mark_clipped_bars():
         drawn["ax"] = fig.axes[0]
         return real_png(fig)
 
-    summary = {"r2": {"stack": 0.5},
-               "per_workload": {"a": {"r2": {"stack": -3.5}}, "b": {"r2": {"stack": None}}}}
+    summary = stack_summary(0.5, 1.0, per_workload={
+        "a": stack_group(-3.5, 1.0, 1.0), "b": stack_group(float("nan"), 1.0, 1.0)})
     report._png = keep
     try:
         report.plot_r2_per_workload(summary, "t")

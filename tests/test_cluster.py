@@ -47,9 +47,9 @@ def test_dask_twin_scores_within_0_01_of_one_machine(sample_frame, client):
         there, stack = evaluate_honest(
             sample_frame, make_stack(bases=BASES, max_rounds=150),
             fit=lambda st, fr, pr=None: fit_on_dask(st, fr, client, pr, n_parts=3))
-    assert there.summary["r2"]["stack"] == pytest.approx(here.summary["r2"]["stack"], abs=0.01)
+    assert there.summary.r2["stack"] == pytest.approx(here.summary.r2["stack"], abs=0.01)
     assert stack.fold_plan_ and stack.oof_predictions_.shape[1] == len(BASES)
-    assert here.summary["rows"] == there.summary["rows"]
+    assert here.summary.rows == there.summary.rows
 
 
 def test_fold_plan_on_dask_is_the_local_one(sample_frame, client):

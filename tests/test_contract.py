@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cputwin import TwinStack
 from cputwin.errors import DataError
+from cputwin.features import build_features, get_spec
 from cputwin.models.contract import ContractError, InputContract
 
 
@@ -51,10 +53,42 @@ def test_a_twin_that_reads_the_workloads_cpu_use_gets_it():
 
 
 def test_a_fitted_twin_states_its_contract(sample_frame):
-    from cputwin import TwinStack
-
     twin = TwinStack(bases=["physics_linear"], mode="independent").fit(sample_frame)
     stated = twin.to_dict()["contract"]
     assert stated["n_cores"] == 2 and stated["targets"] == ["cpu_util_core_0"]
     assert stated["mode"] == "independent" and stated["reads_workload_cpu"] is False
     assert stated["step_s"] == pytest.approx(0.1, rel=0.05)
+
+
+def fit_other_core(frame):
+    return TwinStack(target="cpu_util_core_7", bases=["physics_linear"]).fit(frame)
+
+
+def features_without_workload_cpu(frame):
+    return build_features(frame.drop("workload_cpu_percent", strict=False),
+                          get_spec("pooled_wcpu"), "cpu_util_core_0", ["idle"])
+
+
+@pytest.mark.parametrize(("fit", "fragment"), [
+    (fit_other_core, "target 'cpu_util_core_7' is not a core of this data"),
+    (features_without_workload_cpu, "reads 'workload_cpu_percent'.*which this data does not have"),
+])
+def test_fit_time_checks_raise_the_contracts_error(sample_frame, fit, fragment):
+    """Before a contract exists, the data is checked against the same rules, with the
+    same exception (a DataError: one line and exit 2 at the CLI), naming no CLI flag."""
+    with pytest.raises(ContractError, match=fragment) as raised:
+        fit(sample_frame)
+    assert "--" not in str(raised.value)
+
+
+def test_a_target_that_is_not_a_core_is_one_line_at_the_cli(sample_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from cputwin.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(sample_data), "-o", str(tmp_path / "t.cputwin"),
+                                      "--target", "cpu_util_core_9"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: target 'cpu_util_core_9' is not a core of this data: expected one of "
+        "cpu_util_core_0 … cpu_util_core_1"]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cputwin import load_runs
-from cputwin.errors import FeatureError
+from cputwin.errors import ContractError, FeatureError
 from cputwin.features import FeatureSpec, build_features, get_spec
 from cputwin.features.engine import WORKLOAD_EXCESS, derive
 from cputwin.features.reference import reference_features
@@ -63,9 +63,9 @@ def test_the_workload_cpu_needs_data_that_has_it(seed_data):
         warnings.simplefilter("ignore", DataWarning)
         frame = load_runs(seed_data)
     workloads = sorted(set(frame["workload_type"]))
-    with pytest.raises(FeatureError, match="reads 'workload_cpu_percent'.*seed's data has none"):
+    with pytest.raises(ContractError, match="reads 'workload_cpu_percent'.*seed's data has none"):
         build_features(frame, get_spec("pooled_wcpu"), "cpu_util_core_0", workloads)
-    with pytest.raises(FeatureError, match="reads 'workload_cpu_percent'"):
+    with pytest.raises(ContractError, match="reads 'workload_cpu_percent'"):
         build_features(frame.drop("workload_cpu_percent"), get_spec("pooled_wcpu"),
                        "cpu_util_core_0", workloads)
 

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cputwin.cli import app
+from cputwin.evaluation.summary import Headline, TargetsSummary
 from cputwin.pipeline import fleet_scores
 
 runner = CliRunner()
@@ -104,9 +105,10 @@ def test_jobs_needs_per_host(fleet, tmp_path):
 
 
 def test_fleet_scores_name_the_worst_hosts():
-    summaries = {h: {"r2": {"stack": r}, "mae": {"stack": 1.0}, "rmse": {"stack": 2.0}}
+    summaries = {h: TargetsSummary(targets={}, mean=Headline(r, 1.0, 2.0))
                  for h, r in {"a": 0.9, "b": 0.5, "c": 0.8, "d": float("nan")}.items()}
     got = fleet_scores(summaries, failed=1, n_worst=2)
-    assert got["r2"]["median"] == pytest.approx(0.8)
-    assert [w["host"] for w in got["worst"]] == ["b", "c"]
-    assert got["hosts"] == 4 and got["failed"] == 1
+    assert got.r2.median == pytest.approx(0.8)
+    assert [w.host for w in got.worst] == ["b", "c"]
+    assert got.hosts == 4 and got.failed == 1
+    assert got.to_dict()["worst"] == [{"host": "b", "r2": 0.5}, {"host": "c", "r2": 0.8}]

@@ -29,6 +29,14 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from cputwin import __version__
 from cputwin.errors import CputwinError
+from cputwin.evaluation.summary import (
+    ComparisonSummary,
+    DetectorSummary,
+    PerHost,
+    ProtocolSummary,
+    TargetsSummary,
+    TrainResult,
+)
 
 out = Console()
 err = Console(stderr=True)
@@ -287,7 +295,10 @@ def _json(obj) -> None:
 
 
 def _finite(x):
-    """NaN (an undefined score) becomes null: strict JSON has no NaN."""
+    """`x` as strict JSON data: a typed result rendered (`to_dict`), NaN (an undefined
+    score) as null."""
+    if hasattr(x, "to_dict"):
+        return _finite(x.to_dict())
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
@@ -301,30 +312,29 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-def render_summary(summary: dict) -> None:
-    table = Table(title=f"{summary['protocol']} protocol · {summary['target']} · "
-                        f"{summary.get('mode', 'sensor')} mode",
-                  caption=f"rows: train {summary['rows']['train']}, test "
-                          f"{summary['rows']['test']}")
+def render_summary(summary: ProtocolSummary) -> None:
+    table = Table(title=f"{summary.protocol} protocol · {summary.target} · {summary.mode} mode",
+                  caption=f"rows: train {summary.rows.train}, test {summary.rows.test}")
     table.add_column("model")
     for col in ("R²", "MAE", "RMSE"):
         table.add_column(col, justify="right")
-    for m in summary["r2"]:
-        table.add_row(m, _fmt(summary["r2"][m]), _fmt(summary["mae"][m]), _fmt(summary["rmse"][m]))
+    for m in summary.r2:
+        table.add_row(m, _fmt(summary.r2[m]), _fmt(summary.mae[m]), _fmt(summary.rmse[m]))
     out.print(table)
     from cputwin.evaluation.report import result_line, workload_notes
 
-    for part in group_tables("workload", summary["per_workload"], list(summary["r2"])):
+    models = list(summary.r2)
+    for part in group_tables("workload", {w: g.r2 for w, g in summary.per_workload.items()},
+                             models):
         out.print(part)
-    if len(summary.get("per_host", {})) > 1:
-        for part in group_tables("host", summary["per_host"], list(summary["r2"])):
+    if summary.per_host is not None and len(summary.per_host) > 1:
+        for part in group_tables("host", {h: g.r2 for h, g in summary.per_host.items()}, models):
             out.print(part)
-    weights = " / ".join(f"{k} {v:.4f}" for k, v in summary["meta"]["weights"].items())
-    kind = summary["meta"].get("kind", "ridge")
-    say(f"meta-model {kind}: weights {weights}; intercept "
-        f"{summary['meta']['intercept']:.4f}")
-    if "timing" in summary:
-        say(timing_line(summary["timing"]))
+    meta = summary.meta
+    weights = " / ".join(f"{k} {v:.4f}" for k, v in meta.weights.items())
+    say(f"meta-model {meta.kind}: weights {weights}; intercept {meta.intercept:.4f}")
+    if summary.timing is not None:
+        say(timing_line(summary.timing))
     say(result_line(summary))
     for note in workload_notes(summary):
         say(note)
@@ -342,9 +352,10 @@ def timing_line(timing: dict) -> str:
             f"{span('longest_window')}): {rate}")
 
 
-def group_tables(group: str, entries: dict, models: list[str]) -> list[Table]:
-    """R² of every model for each value of a group (workload, host), split into as many
-    tables as it takes for each to fit the terminal's width."""
+def group_tables(group: str, entries: dict[str, dict[str, float]], models: list[str]) -> list[Table]:
+    """R² of every model (`entries`: each group value's R² per model; a model with no rows
+    in a group is absent) for each value of a group (workload, host, core), split into as
+    many tables as it takes for each to fit the terminal's width."""
     first = max(len(group), *(len(name) for name in entries)) + 3  # text and its borders
     parts, width = [[]], first + 1
     for m in models:
@@ -361,8 +372,8 @@ def group_tables(group: str, entries: dict, models: list[str]) -> list[Table]:
         table.add_column(group, no_wrap=True)
         for m in chunk:
             table.add_column(m, justify="right", no_wrap=True)
-        for name, entry in entries.items():
-            table.add_row(name, *[_fmt(entry["r2"].get(m)) for m in chunk])
+        for name, r2 in entries.items():
+            table.add_row(name, *[_fmt(r2.get(m)) for m in chunk])
         tables.append(table)
     return tables
 
@@ -404,40 +415,43 @@ def evaluate(
             data, protocol, target, train_fraction, report, progress, test_data=test or None,
             dask=dask, per_host=per_host, jobs=jobs, columns=_columns(columns),
             **_stack_options(bases, mode, meta, host_category, max_rounds, float32))
+    failed = isinstance(summary, PerHost) and bool(summary.failed)
     if as_json:
         _json(summary)
-        raise typer.Exit(1 if summary.get("failed") else 0)
-    if per_host:
+        raise typer.Exit(1 if failed else 0)
+    if isinstance(summary, PerHost):
         render_fleet(summary)
-        raise typer.Exit(1 if summary["failed"] else 0)
-    if "targets" in summary:
+        raise typer.Exit(1 if failed else 0)
+    if isinstance(summary, TargetsSummary):
         render_targets(summary)
-    else:
-        for s in ([summary["seed"], summary["honest"]] if protocol == "both" else [summary]):
-            render_summary(s)
-    if protocol == "both":
-        out.print(f"compared: {summary['compares']}", highlight=False)
+    elif isinstance(summary, ComparisonSummary):
+        render_summary(summary.seed)
+        render_summary(summary.honest)
+        out.print(f"compared: {summary.compares}", highlight=False)
         out.print("leakage audit of the seed protocol (measured):")
-        for k, v in summary["audit"].items():
+        for k, v in summary.audit.items():
             out.print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    else:
+        render_summary(summary)
     if report:
         out.print(f"report: {report / 'report.html'}", soft_wrap=True, highlight=False)
 
 
-def render_fleet(result: dict) -> None:
+def render_fleet(result: PerHost) -> None:
     """Per host: the stack's scores; then the fleet's R² spread and the failed hosts."""
-    fleet = result["fleet"]
-    table = Table(title=f"stack per host · {fleet['hosts']} evaluated, {fleet['failed']} failed")
+    fleet = result.fleet
+    assert fleet is not None, "evaluate --per-host always measures the fleet"
+    table = Table(title=f"stack per host · {fleet.hosts} evaluated, {fleet.failed} failed")
     for col in ("host", "R²", "MAE", "RMSE"):
         table.add_column(col, justify="left" if col == "host" else "right")
-    for host, s in fleet["per_host"].items():
-        table.add_row(host, _fmt(s["r2"]), _fmt(s["mae"]), _fmt(s["rmse"]))
+    for host, s in fleet.per_host.items():
+        table.add_row(host, _fmt(s.r2), _fmt(s.mae), _fmt(s.rmse))
     out.print(table)
-    r2 = fleet["r2"]
-    worst = ", ".join(f"{w['host']} {_fmt(w['r2'])}" for w in fleet["worst"])
-    out.print(f"fleet R²: median {_fmt(r2['median'])}, mean {_fmt(r2['mean'])}, "
-              f"range {_fmt(r2['min'])} to {_fmt(r2['max'])}; worst: {worst or 'none'}")
-    render_failed(result["failed"])
+    r2 = fleet.r2
+    worst = ", ".join(f"{w.host} {_fmt(w.r2)}" for w in fleet.worst)
+    out.print(f"fleet R²: median {_fmt(r2.median)}, mean {_fmt(r2.mean)}, "
+              f"range {_fmt(r2.min)} to {_fmt(r2.max)}; worst: {worst or 'none'}")
+    render_failed(result.failed)
 
 
 def render_failed(failed: dict) -> None:
@@ -445,19 +459,20 @@ def render_failed(failed: dict) -> None:
         out.print(f"host {host} failed: {reason}", highlight=False)
 
 
-def render_targets(summary: dict) -> None:
-    first = next(iter(summary["targets"].values()))
-    say(f"{first['protocol']} protocol, mode {first['mode']}, every core:")
-    for table in group_tables("target", summary["targets"], list(first["r2"])):
+def render_targets(summary: TargetsSummary) -> None:
+    first = next(iter(summary.targets.values()))
+    say(f"{first.protocol} protocol, mode {first.mode}, every core:")
+    for table in group_tables("target", {t: s.r2 for t, s in summary.targets.items()},
+                              list(first.r2)):
         out.print(table)
     from cputwin.evaluation.report import na_note
 
-    for name, s in summary["targets"].items():
-        if s["r2"]["stack"] is None or math.isnan(s["r2"]["stack"]):
-            say(na_note(name, s["rows"]["test"], s["mae"]["stack"]))
-    m = summary["mean"]
-    out.print(f"mean over {len(summary['targets'])} cores (stack): R² {_fmt(m['r2'])}, "
-              f"MAE {m['mae']:.3f}, RMSE {m['rmse']:.3f}")
+    for name, s in summary.targets.items():
+        if math.isnan(s.r2["stack"]):
+            say(na_note(name, s.rows.test, s.mae["stack"]))
+    m = summary.mean
+    out.print(f"mean over {len(summary.targets)} cores (stack): R² {_fmt(m.r2)}, "
+              f"MAE {m.mae:.3f}, RMSE {m.rmse:.3f}")
 
 
 @app.command(cls=Command)
@@ -491,24 +506,25 @@ def train(
             data, output, target, progress, per_host=per_host, dask=dask, jobs=jobs,
             sign_key=sign_key, columns=_columns(columns),
             **_stack_options(bases, mode, meta, host_category, max_rounds, float32))
+    failed = isinstance(result, PerHost) and bool(result.failed)
     if as_json:
         _json(result)
-        raise typer.Exit(1 if result.get("failed") else 0)
-    for host, one in (result["hosts"].items() if per_host else [(None, result)]):
-        oof = one["out_of_fold"]
-        out.print(f"{'host ' + host + ': ' if host else ''}twin written to {one['twin']} "
-                  f"(target {target}, mode {mode}, {one['rows']} rows, "
-                  f"meta-model {one['meta']['kind']})")
-        out.print("out-of-fold R²: " + ", ".join(f"{k} {_fmt(v['r2'])}" for k, v in oof.items()
-                                                  if k != "per_core"))
-        for core, d in one.get("detector", {}).items():
+        raise typer.Exit(1 if failed else 0)
+    trained: dict[str | None, TrainResult] = (
+        result.hosts if isinstance(result, PerHost) else {None: result})
+    for host, one in trained.items():
+        out.print(f"{'host ' + host + ': ' if host else ''}twin written to {one.twin} "
+                  f"(target {target}, mode {mode}, {one.rows} rows, "
+                  f"meta-model {one.meta.kind})")
+        out.print("out-of-fold R²: " + ", ".join(f"{k} {_fmt(v.r2)}"
+                                                  for k, v in one.out_of_fold.models.items()))
+        for core, d in one.detector.items():
             out.print(detector_line(core, d), highlight=False)
-        if "timing" in one:
-            out.print(timing_line(one["timing"]), highlight=False)
-    if per_host:
-        out.print(f"{len(result['hosts'])} hosts trained, {len(result['failed'])} failed")
-        render_failed(result["failed"])
-        raise typer.Exit(1 if result["failed"] else 0)
+        out.print(timing_line(one.timing), highlight=False)
+    if isinstance(result, PerHost):
+        out.print(f"{len(result.hosts)} hosts trained, {len(result.failed)} failed")
+        render_failed(result.failed)
+        raise typer.Exit(1 if failed else 0)
 
 
 @app.command(cls=Command)
@@ -710,7 +726,8 @@ def demo(
         with spinner() as progress:
             result = pipeline.demo(out_dir, data, progress)
     if as_json:
-        _json({**result.summary, "report": str(result.report), "twin": str(result.twin)})
+        _json({**result.summary.to_dict(), "report": str(result.report),
+               "twin": str(result.twin)})
         return
     out.print(f"data: {result.data}", soft_wrap=True, highlight=False)
     render_summary(result.summary)
@@ -836,11 +853,11 @@ def watch(
                   + (f", recorded to {summary['record']}" if summary["record"] else ""))
 
 
-def detector_line(core: str, summary: dict) -> str:
+def detector_line(core: str, summary: DetectorSummary) -> str:
     """What the core's detector can see: the smallest extra load that alarms within 2 s."""
-    power = {w: p for w, p in summary["power"].items() if w != "*"} or summary["power"]
+    power = {w: p for w, p in summary.power.items() if w != "*"} or summary.power
     shown = ", ".join(f"{w} {_points(p)}" for w, p in sorted(power.items()))
-    return (f"{core}: alarm threshold {summary['threshold']:.2f}; extra load that alarms "
+    return (f"{core}: alarm threshold {summary.threshold:.2f}; extra load that alarms "
             f"within 2 s (points): {shown}")
 
 

@@ -2,6 +2,7 @@
 
     CputwinError                 base: the CLI catches it once, prints one line, exits 2
     ├── DataError                telemetry that cannot be used (file, column, value problems)
+    │   └── ContractError        input a twin cannot take (models/contract.py checks it)
     ├── FeatureError             a feature spec that cannot be built for the given data
     ├── ModelError               a model used before fit, or fed a frame it was not trained for
     │   └── NotFittedError       used before fit (also scikit-learn's NotFittedError)
@@ -23,6 +24,11 @@ class CputwinError(Exception):
 
 class DataError(CputwinError):
     """Telemetry that cannot be used as it is."""
+
+
+class ContractError(DataError):
+    """Input the twin cannot take: other cores, a missing or impossible value, a core that
+    is not in the data, a reading the twin needs that the data lacks."""
 
 
 class FeatureError(CputwinError):

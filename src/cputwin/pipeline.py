@@ -31,6 +31,21 @@ from cputwin.evaluation.protocols import (
     split_in_time,
 )
 from cputwin.evaluation.report import write_report
+from cputwin.evaluation.summary import (
+    ComparisonSummary,
+    DetectorSummary,
+    FleetScores,
+    Headline,
+    HostR2,
+    MetaSummary,
+    OutOfFold,
+    PerHost,
+    ProtocolSummary,
+    Spread,
+    Summary,
+    TargetsSummary,
+    TrainResult,
+)
 from cputwin.features.engine import unseen_workloads
 from cputwin.live.detector import Detector, calibrate
 from cputwin.live.twin import Twin, open_twin  # noqa: F401 (part of the pipeline's API)
@@ -41,14 +56,7 @@ from cputwin.models.stack import ALL_CORES, Progress
 from cputwin.output import check_file, check_folder, write_atomic
 from cputwin.telemetry.collector import file_safe
 from cputwin.telemetry.ingest import DataWarning, host_of, load_runs, resolve_paths, schema_of
-from cputwin.telemetry.schema import (
-    HOST,
-    RUN_COLUMN,
-    TIMESTAMP,
-    UNLABELLED,
-    WORKLOAD,
-    WORKLOAD_CPU,
-)
+from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD, WORKLOAD_CPU
 
 PROTOCOLS = ("honest", "seed", "both")
 
@@ -126,16 +134,17 @@ def evaluate(
     jobs: int = 1,
     columns: dict[str, str] | None = None,
     **stack_options: Any,
-) -> tuple[dict[str, Any], list[Evaluation]]:
+) -> tuple[Summary | PerHost, list[Evaluation]]:
     """Run a protocol for one target or every core, optionally writing the HTML report.
 
     With `test_data`, the twin trains on all of `data` and is scored on all of
     `test_data` (another machine): protocol "transfer". `stack_options` go to
     `make_stack` (bases, mode, meta, host_category, max_rounds, float32); `dask` fits
     on a cluster (`fitter`).
-    Returns the JSON summary: one target's object; for `both`, {"seed", "honest",
-    "audit", "compares"}; for target `all`, {"targets": {...}, "mean": {"r2", "mae", "rmse"}}.
-    per_host: each host on its own (`evaluate_hosts`); the evaluations stay with the hosts.
+    Returns the summary (a `ProtocolSummary`; for `both` a `ComparisonSummary`; for
+    target `all` a `TargetsSummary`) and the evaluations behind it.
+    per_host: each host on its own (`evaluate_hosts`, a `PerHost`); the evaluations stay
+    with the hosts.
     columns: a file's column names -> cputwin's (`load_runs`).
     """
     if protocol not in PROTOCOLS:
@@ -167,13 +176,13 @@ def evaluate(
         write_report(Path(report_dir), evaluations, f"cputwin evaluation: {target}", data=data)
     if len(targets) == 1:
         return summaries[targets[0]], evaluations
-    mean = {m: float(np.mean([s[m]["stack"] for s in summaries.values()]))
-            for m in ("r2", "mae", "rmse")}
-    return {"targets": summaries, "mean": mean}, evaluations
+    mean = Headline(*(float(np.mean([getattr(s.headline(), m) for s in summaries.values()]))
+                      for m in ("r2", "mae", "rmse")))
+    return TargetsSummary(targets=summaries, mean=mean), evaluations
 
 
 def _evaluate_target(frame, test_frame, target, protocol, train_fraction, report, fit,
-                     stack_options) -> tuple[dict[str, Any], list[Evaluation]]:
+                     stack_options) -> tuple[ProtocolSummary | ComparisonSummary, list[Evaluation]]:
     """One target's protocol runs, and its summary."""
     stack = make_stack(target, **stack_options)
     if test_frame is not None:
@@ -185,18 +194,19 @@ def _evaluate_target(frame, test_frame, target, protocol, train_fraction, report
         if protocol in ("honest", "both"):
             runs.append(evaluate_honest(frame, stack, train_fraction, report, fit)[0])
     if protocol != "seed":  # the twin's lags and windows, in samples and seconds
-        runs[-1].summary["timing"] = stack.time_span()
-    summary = ({**{e.summary["protocol"]: e.summary for e in runs}, "audit": runs[0].audit,
-                "compares": compares(runs[1].summary)}
-               if protocol == "both" else runs[0].summary)
-    return summary, runs
+        runs[-1].summary.timing = stack.time_span()
+    if protocol == "both":
+        seed, honest = runs
+        return ComparisonSummary(seed=seed.summary, honest=honest.summary, audit=seed.audit,
+                                 compares=compares(honest.summary)), runs
+    return runs[0].summary, runs
 
 
-def compares(honest: dict[str, Any]) -> str:
+def compares(honest: ProtocolSummary) -> str:
     """What `--protocol both` sets side by side, in a line."""
     return (f"seed protocol on the seed's pair ({' + '.join(SEED_SETS)}, RidgeCV meta-model) "
-            f"against the honest protocol on {', '.join(honest['bases'])} "
-            f"({honest['meta']['kind']} meta-model)")
+            f"against the honest protocol on {', '.join(honest.bases)} "
+            f"({honest.meta.kind} meta-model)")
 
 
 def _column_option(columns: dict[str, str] | None) -> dict[str, Any]:
@@ -220,7 +230,7 @@ def train(
     sign_key: str | bytes | None = None,
     columns: dict[str, str] | None = None,
     **stack_options: Any,
-) -> dict[str, Any]:
+) -> TrainResult | PerHost:
     """Fit a twin on all of `data` and save it; metrics are the out-of-fold scores.
 
     per_host: one twin per host, each saved as `out/<host>.cputwin` (`train_hosts`).
@@ -257,14 +267,14 @@ def train_hosts(
     jobs: int = 1,
     dask: str | None = None,
     **stack_options: Any,
-) -> dict[str, Any]:
+) -> PerHost:
     """One twin per host, saved as `out/<host>.cputwin`; hosts may differ in core count.
 
     Hosts train one after another, in `jobs` local processes, or as one task each on the
     Dask cluster at `dask`; each task reads its own host's files by path. A host that
     fails (unreadable files, too short to stack) is listed under "failed" with its
-    reason and the others still train. Returns {"hosts": {host: that twin's result},
-    "failed": {host: reason}}.
+    reason and the others still train. Returns each host's `TrainResult` and each failed
+    host's reason.
     """
     if stack_options.get("host_category"):
         raise DataError("--per-host and --host-category exclude each other: one twin per host, "
@@ -279,7 +289,7 @@ def train_hosts(
 
 
 def _train_host(paths: list[str], out: str, target: str, options: dict[str, Any],
-                threads: int | None = None) -> dict[str, Any]:
+                threads: int | None = None) -> TrainResult | PerHost:
     """One host's twin, wherever it runs (a local process, a Dask worker)."""
     return train(paths, Path(out), target, threads=threads, **options)
 
@@ -287,22 +297,22 @@ def _train_host(paths: list[str], out: str, target: str, options: dict[str, Any]
 def evaluate_hosts(data: Any, target: str, progress: Progress | None = None, *,
                    protocol: str = "honest", train_fraction: float = 0.8,
                    report_dir: Path | None = None, jobs: int = 1, dask: str | None = None,
-                   **stack_options: Any) -> dict[str, Any]:
+                   **stack_options: Any) -> PerHost:
     """`evaluate` for each host on its own (run as `train_hosts` runs hosts), with the
-    fleet's distribution of the stack's R². A report, if asked, goes to
-    `report_dir/<host>/`. Returns {"hosts": {host: its summary}, "failed": {host: reason},
-    "fleet": `fleet_scores`}.
+    fleet's distribution of the stack's R² (`fleet_scores`). A report, if asked, goes to
+    `report_dir/<host>/`.
     """
     calls = {host: ([str(p) for p in files], protocol, target, train_fraction,
                     None if report_dir is None else str(Path(report_dir) / file_safe(host)),
                     stack_options) for host, files in hosts_of(resolve_paths(data)).items()}
     result = split_failures(run_each(_evaluate_host, calls, jobs, dask, count_hosts(progress)))
-    return {**result, "fleet": fleet_scores(result["hosts"], len(result["failed"]))}
+    result.fleet = fleet_scores(result.hosts, len(result.failed))
+    return result
 
 
 def _evaluate_host(paths: list[str], protocol: str, target: str, train_fraction: float,
                    report_dir: str | None, options: dict[str, Any],
-                   threads: int | None = None) -> dict[str, Any]:
+                   threads: int | None = None) -> Summary | PerHost:
     return evaluate(paths, protocol, target, train_fraction,
                     None if report_dir is None else Path(report_dir), threads=threads,
                     **options)[0]
@@ -315,35 +325,26 @@ def count_hosts(progress: Progress | None) -> Callable[[str, int, int], None] | 
     return lambda host, n, total: progress(f"{n}/{total} hosts ({host})", n / total)
 
 
-def split_failures(results: dict[str, Any]) -> dict[str, Any]:
+def split_failures(results: dict[str, Any]) -> PerHost:
     """Hosts whose task returned, and hosts whose task raised, with the reason in a line."""
     ok = {h: r for h, r in results.items() if not isinstance(r, BaseException)}
     failed = {h: str(r) if isinstance(r, CputwinError) else f"{type(r).__name__}: {r}"
               for h, r in results.items() if isinstance(r, BaseException)}
-    return {"hosts": ok, "failed": failed}
+    return PerHost(hosts=ok, failed=failed)
 
 
-def headline(summary: dict[str, Any]) -> dict[str, float]:
-    """A host's stack scores: its target's, the mean over cores (`all`), or the honest
-    protocol's (`both`)."""
-    if "targets" in summary:
-        return summary["mean"]
-    one = summary.get("honest", summary)
-    return {m: one[m]["stack"] for m in ("r2", "mae", "rmse")}
-
-
-def fleet_scores(summaries: dict[str, dict[str, Any]], failed: int = 0,
-                 n_worst: int = 3) -> dict[str, Any]:
-    """How the stack's R² spreads over hosts: median, mean, range, the worst hosts."""
-    per_host = {h: headline(s) for h, s in summaries.items()}
-    r2 = {h: s["r2"] for h, s in per_host.items() if s["r2"] == s["r2"]}
+def fleet_scores(summaries: dict[str, Summary], failed: int = 0,
+                 n_worst: int = 3) -> FleetScores:
+    """How the stack's R² spreads over hosts (each host's `headline()`: its target's, the
+    mean over cores, or the honest protocol's): median, mean, range, the worst hosts."""
+    per_host = {h: s.headline() for h, s in summaries.items()}
+    r2 = {h: s.r2 for h, s in per_host.items() if not np.isnan(s.r2)}
     values = np.array(list(r2.values()))
-    stats = ({"median": float(np.median(values)), "mean": float(values.mean()),
-              "min": float(values.min()), "max": float(values.max())}
-             if values.size else {k: float("nan") for k in ("median", "mean", "min", "max")})
-    worst = sorted(r2, key=r2.get)[:n_worst]
-    return {"hosts": len(summaries), "failed": failed, "r2": stats,
-            "worst": [{"host": h, "r2": r2[h]} for h in worst], "per_host": per_host}
+    stats = (Spread(float(np.median(values)), float(values.mean()), float(values.min()),
+                    float(values.max())) if values.size else Spread(*[float("nan")] * 4))
+    worst = sorted(r2, key=r2.__getitem__)[:n_worst]
+    return FleetScores(hosts=len(summaries), failed=failed, r2=stats,
+                       worst=[HostR2(h, r2[h]) for h in worst], per_host=per_host)
 
 
 def machine_options(frame: pl.DataFrame, options: dict[str, Any]) -> dict[str, Any]:
@@ -371,15 +372,13 @@ def train_frame(
     fit: Fit = local_fit,
     sign_key: str | bytes | None = None,
     **stack_options: Any,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Fit, calibrate the detector, save (signed with `sign_key`, if given); the result
     names the out-of-fold scores."""
-    if target != ALL_CORES:
-        schema_of(frame).check_target(target)
-    else:
+    if target == ALL_CORES:  # a named target is checked by the stack's fit
         stack_options = machine_options(frame, stack_options)
     stack = fit(make_stack(target, **stack_options), frame, progress)
-    metrics = {"out_of_fold": out_of_fold_scores(stack, frame)}
+    oof = out_of_fold_scores(stack, frame)
     training = {"fingerprint": data_fingerprint, "rows": frame.height,
                 "runs": frame[RUN_COLUMN].n_unique()}
     if HOST in frame.columns:
@@ -387,19 +386,18 @@ def train_frame(
     detector = calibrate(stack, frame)
     detectors = detector if isinstance(detector, dict) else {stack.target: detector}
     warn_blind_spots(detectors, stack.mode)
-    save_twin(stack, out, training=training, metrics=metrics,
+    save_twin(stack, out, training=training, metrics={"out_of_fold": oof.to_dict()},
               detector=None if stack.machine_ else detector.to_dict(),
               detectors={c: d.to_dict() for c, d in detectors.items()} if stack.machine_ else None,
               sign_key=sign_key)
-    return {"twin": str(out), "target": target, "mode": stack.mode, "rows": frame.height,
-            **({"hosts": training["hosts"]} if "hosts" in training else {}), **metrics,
-            "detector": detector_summary(detectors),
-            "timing": stack.time_span(),
-            "meta": {"kind": stack.meta_.kind, "weights": stack.meta_weights_,
-                     "intercept": stack.meta_intercept_}}
+    return TrainResult(twin=str(out), target=target, mode=stack.mode, rows=frame.height,
+                       hosts=training.get("hosts"), out_of_fold=oof,
+                       detector=detector_summary(detectors), timing=stack.time_span(),
+                       meta=MetaSummary(kind=stack.meta_.kind, weights=stack.meta_weights_,
+                                        intercept=stack.meta_intercept_))
 
 
-def out_of_fold_scores(stack: TwinStack, frame: pl.DataFrame) -> dict[str, Any]:
+def out_of_fold_scores(stack: TwinStack, frame: pl.DataFrame) -> OutOfFold:
     """Each base's and the stack's scores on the out-of-fold rows (a machine twin: per
     core, and the stack's mean over cores)."""
     rows = stack.oof_index_ % frame.height
@@ -407,12 +405,11 @@ def out_of_fold_scores(stack: TwinStack, frame: pl.DataFrame) -> dict[str, Any]:
     actual = np.column_stack([frame[c].to_numpy() for c in stack.targets_])[rows, core]
     oof = stack.oof_predictions_
     stacked = stack.meta_.predict(oof, frame[WORKLOAD].to_numpy()[rows])
-    out = {**{s.name: scores(actual, oof[:, j]) for j, s in enumerate(stack.base_specs_)},
-           "stack": scores(actual, stacked)}
-    if stack.machine_:
-        out["per_core"] = {c: scores(actual[core == k], stacked[core == k])
-                           for k, c in enumerate(stack.targets_)}
-    return out
+    models = {**{s.name: scores(actual, oof[:, j]) for j, s in enumerate(stack.base_specs_)},
+              "stack": scores(actual, stacked)}
+    per_core = ({c: scores(actual[core == k], stacked[core == k])
+                 for k, c in enumerate(stack.targets_)} if stack.machine_ else None)
+    return OutOfFold(models=models, per_core=per_core)
 
 
 def warn_blind_spots(detectors: dict[str, Detector], mode: str) -> None:
@@ -429,12 +426,12 @@ def warn_blind_spots(detectors: dict[str, Detector], mode: str) -> None:
                 DataWarning, stacklevel=2)
 
 
-def detector_summary(detectors: dict[str, Detector]) -> dict[str, Any]:
+def detector_summary(detectors: dict[str, Detector]) -> dict[str, DetectorSummary]:
     """Per watched core: threshold, power per workload (the smallest sustained extra load
     that alarms within 2 s), and the workloads where the detector is blind."""
-    return {core: {"threshold": d.threshold, "power": d.power,
-                   "blind": d.blind_spots(),
-                   "unexplained": d.calibration.get("unexplained_workloads", {})}
+    return {core: DetectorSummary(threshold=d.threshold, power=d.power,
+                                  blind=d.blind_spots(),
+                                  unexplained=d.calibration.get("unexplained_workloads", {}))
             for core, d in detectors.items()}
 
 
@@ -461,7 +458,7 @@ def predict(twin: Path, data: Any, out: Path, key: str | bytes | None = None,
     result = {"predictions": str(out), "target": stack.target, "mode": stack.mode,
               "rows": frame.height, "predicted": int(valid.sum())}
     if valid.sum() >= 2:
-        result["scores"] = scores(frame[stack.target].to_numpy()[valid], pred[valid])
+        result["scores"] = scores(frame[stack.target].to_numpy()[valid], pred[valid]).to_dict()
     return result
 
 
@@ -478,7 +475,8 @@ def _predict_machine(stack: TwinStack, frame: pl.DataFrame, out: Path) -> dict[s
     result = {"predictions": str(out), "target": ALL_CORES, "cores": cores,
               "mode": stack.mode, "rows": frame.height, "predicted": int(ok.sum())}
     if ok.sum() >= 2:
-        result["scores"] = {c: scores(actual[ok, k], pred[ok, k]) for k, c in enumerate(cores)}
+        result["scores"] = {c: scores(actual[ok, k], pred[ok, k]).to_dict()
+                            for k, c in enumerate(cores)}
     return result
 
 
@@ -493,7 +491,7 @@ def live_workload(stack: TwinStack, workload: str | None) -> str:
 
 @dataclass
 class DemoResult:
-    summary: dict[str, Any]
+    summary: ProtocolSummary
     report: Path
     twin: Path
     data: Path
@@ -535,7 +533,7 @@ def demo(
     target = "cpu_util_core_0"
     evaluation, stack = evaluate_honest(frame, make_stack(target), DEMO_TRAIN_FRACTION,
                                         progress)
-    evaluation.summary["timing"] = stack.time_span()
+    evaluation.summary.timing = stack.time_span()
     report = write_report(out_dir, [evaluation], f"cputwin demo: {target}", data=data)
     train = frame.filter(split_in_time(frame, DEMO_TRAIN_FRACTION))
     twin = out_dir / "twin.cputwin"

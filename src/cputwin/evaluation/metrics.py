@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
+from cputwin.evaluation.summary import GroupScores, Scores, ScoreTable
 
-def scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+METRICS = ("r2", "mae", "rmse")
+
+
+def scores(y: np.ndarray, pred: np.ndarray) -> Scores:
     if y.size < 2:
-        return {"r2": float("nan"), "mae": float("nan"), "rmse": float("nan"), "n": int(y.size)}
+        return Scores(r2=math.nan, mae=math.nan, rmse=math.nan, n=int(y.size))
     # R² is undefined on a flat target (a core pinned at 100%): report it as missing
-    r2 = float(r2_score(y, pred)) if np.ptp(y) > 0 else float("nan")
-    return {
-        "r2": r2,
-        "mae": float(mean_absolute_error(y, pred)),
-        "rmse": float(np.sqrt(mean_squared_error(y, pred))),
-        "n": int(y.size),
-    }
+    r2 = float(r2_score(y, pred)) if np.ptp(y) > 0 else math.nan
+    return Scores(r2=r2, mae=float(mean_absolute_error(y, pred)),
+                  rmse=float(np.sqrt(mean_squared_error(y, pred))), n=int(y.size))
 
 
 def verdict(r2: float) -> str:
@@ -33,19 +35,20 @@ def verdict(r2: float) -> str:
 
 
 def score_table(
-    y: dict[str, np.ndarray], pred: dict[str, np.ndarray], workload: dict[str, np.ndarray]
-) -> dict:
-    """r2/mae/rmse per model and per workload; each model may be scored on its own rows."""
-    out: dict = {"r2": {}, "mae": {}, "rmse": {}, "per_workload": {}}
+    y: dict[str, np.ndarray], pred: dict[str, np.ndarray], group: dict[str, np.ndarray]
+) -> ScoreTable:
+    """r2/mae/rmse per model, overall and per value of `group` (the workload, the host);
+    each model may be scored on its own rows."""
+    table = ScoreTable(r2={}, mae={}, rmse={}, per_workload={})
     for name, p in pred.items():
         s = scores(y[name], p)
-        for m in ("r2", "mae", "rmse"):
-            out[m][name] = s[m]
-        for wl in sorted(set(workload[name].tolist())):
-            mask = workload[name] == wl
+        for m in METRICS:
+            getattr(table, m)[name] = getattr(s, m)
+        for value in sorted(set(group[name].tolist())):
+            mask = group[name] == value
             ws = scores(y[name][mask], p[mask])
-            entry = out["per_workload"].setdefault(wl, {"r2": {}, "mae": {}, "rmse": {}, "rows": 0})
-            for m in ("r2", "mae", "rmse"):
-                entry[m][name] = ws[m]
-            entry["rows"] = max(entry["rows"], ws["n"])
-    return out
+            entry = table.per_workload.setdefault(value, GroupScores(r2={}, mae={}, rmse={}, rows=0))
+            for m in METRICS:
+                getattr(entry, m)[name] = getattr(ws, m)
+            entry.rows = max(entry.rows, ws.n)
+    return table

@@ -23,6 +23,7 @@ from sklearn.model_selection import train_test_split
 
 from cputwin.errors import DataError
 from cputwin.evaluation.metrics import score_table, verdict
+from cputwin.evaluation.summary import MetaSummary, ProtocolSummary, Rows
 from cputwin.features import build_features, get_spec
 from cputwin.models import TwinStack
 from cputwin.models.base import fit_lgbm, params_for
@@ -36,9 +37,10 @@ SEED_SPLIT = dict(test_size=0.2, random_state=42)
 
 @dataclass
 class Evaluation:
-    """A protocol's result: the JSON summary, and per-row predictions for plots."""
+    """A protocol's result: its summary, per-row predictions for plots, and (the seed
+    protocol) its measured leaks."""
 
-    summary: dict[str, Any]
+    summary: ProtocolSummary
     predictions: pl.DataFrame
     audit: dict[str, Any] = field(default_factory=dict)
 
@@ -70,9 +72,9 @@ def evaluate_honest(
     started = time.perf_counter()
     fit(stack, train, progress)
     seconds = time.perf_counter() - started
-    evaluation = score_stack(stack, frame, ~is_train, train)
-    evaluation.summary.update(protocol="honest", train_fraction=train_fraction,
-                              training_seconds=round(seconds, 2))
+    evaluation = score_stack(stack, frame, ~is_train, train, "honest")
+    evaluation.summary.train_fraction = train_fraction
+    evaluation.summary.training_seconds = round(seconds, 2)
     return evaluation, stack
 
 
@@ -87,15 +89,15 @@ def evaluate_transfer(
     started = time.perf_counter()
     fit(stack, train, progress)
     seconds = time.perf_counter() - started
-    evaluation = score_stack(stack, test, np.ones(test.height, bool), train)
-    evaluation.summary.update(protocol="transfer", training_seconds=round(seconds, 2),
-                              machines={"train_cores": stack.schema_.n_cores,
-                                        "test_cores": schema_of(test).n_cores})
+    evaluation = score_stack(stack, test, np.ones(test.height, bool), train, "transfer")
+    evaluation.summary.training_seconds = round(seconds, 2)
+    evaluation.summary.machines = {"train_cores": stack.schema_.n_cores,
+                                   "test_cores": schema_of(test).n_cores}
     return evaluation, stack
 
 
 def score_stack(stack: TwinStack, frame: pl.DataFrame, candidate: np.ndarray,
-                train: pl.DataFrame) -> Evaluation:
+                train: pl.DataFrame, protocol: str) -> Evaluation:
     """Score every base, their average, the stack and a per-workload-mean baseline on the
     `candidate` rows of `frame` that have full history."""
     target = stack.target
@@ -111,27 +113,23 @@ def score_stack(stack: TwinStack, frame: pl.DataFrame, candidate: np.ndarray,
     preds["workload_mean"] = workload_mean_baseline(
         train[target].to_numpy(), train[WORKLOAD].to_numpy(), wl[test])
     table = score_table({n: y[test] for n in preds}, preds, {n: wl[test] for n in preds})
+    per_host = None
     if HOST in frame.columns:
         hosts = frame[HOST].to_numpy()[test]
-        table["per_host"] = score_table({n: y[test] for n in preds}, preds,
-                                        {n: hosts for n in preds})["per_workload"]
-    meta = {"kind": stack.meta_.kind, "weights": stack.meta_weights_,
-            "intercept": stack.meta_intercept_}
+        per_host = score_table({n: y[test] for n in preds}, preds,
+                               {n: hosts for n in preds}).per_workload
+    meta = MetaSummary(kind=stack.meta_.kind, weights=stack.meta_weights_,
+                       intercept=stack.meta_intercept_)
     if len(stack.meta_.weights) > 1:
-        meta["per_workload"] = {g: dict(zip(stack.meta_.names, map(float, w), strict=True))
-                                for g, w in stack.meta_.weights.items() if g != "*"}
+        meta.per_workload = {g: dict(zip(stack.meta_.names, map(float, w), strict=True))
+                             for g, w in stack.meta_.weights.items() if g != "*"}
     if stack.meta_scores_:
-        meta["out_of_fold_sse"] = stack.meta_scores_
-    summary = {
-        "protocol": None,
-        "target": target,
-        "mode": stack.mode,
-        "bases": [b.name for b in stack.base_specs_],
-        "rows": {"train": stack.n_train_rows_, "test": int(test.sum())},
-        **table,
-        "meta": meta,
-        "verdict": verdict(table["r2"]["stack"]),
-    }
+        meta.out_of_fold_sse = stack.meta_scores_
+    summary = ProtocolSummary(
+        protocol=protocol, target=target, mode=stack.mode,
+        bases=[b.name for b in stack.base_specs_],
+        rows=Rows(train=stack.n_train_rows_, test=int(test.sum())),
+        **vars(table), per_host=per_host, meta=meta, verdict=verdict(table.r2["stack"]))
     rows = frame.filter(pl.Series(test)).select(RUN_COLUMN, TIMESTAMP, WORKLOAD)
     predictions = rows.with_columns(
         pl.Series("actual", y[test]), *[pl.Series(n, p) for n, p in preds.items()]
@@ -200,19 +198,17 @@ def evaluate_seed(
     for extra in ("average", "stack", "workload_mean"):
         y[extra], wl[extra] = y_all[stack_rows], wl_all[stack_rows]
     table = score_table(y, preds, wl)
-    summary = {
-        "protocol": "seed",
-        "target": target,
-        "mode": "sensor",
-        "bases": list(SEED_SETS),
-        "rows": {"train": int(pos_tr.size), "test": int(pos_te.size)},
-        **table,
-        "meta": {"weights": dict(zip(SEED_SETS, map(float, meta.coef_), strict=True)),
-                 "intercept": float(meta.intercept_)},
-        "verdict": verdict(table["r2"]["stack"]),
-        "notes": "v2.0 and v2.3 are scored on their own random test splits, as published; "
-                 "average, stack and workload_mean on the stack's split of the aligned rows.",
-    }
+    summary = ProtocolSummary(
+        protocol="seed", target=target, mode="sensor", bases=list(SEED_SETS),
+        rows=Rows(train=int(pos_tr.size), test=int(pos_te.size)),
+        **vars(table),
+        meta=MetaSummary(kind="ridge",
+                         weights=dict(zip(SEED_SETS, map(float, meta.coef_), strict=True)),
+                         intercept=float(meta.intercept_)),
+        verdict=verdict(table.r2["stack"]),
+        notes="v2.0 and v2.3 are scored on their own random test splits, as published; "
+              "average, stack and workload_mean on the stack's split of the aligned rows.",
+    )
     audit = seed_audit(merged, run_of_row, frames, own, aligned, pos_tr, pos_te, meta_X_te,
                        y_all, target)
     predictions = pl.DataFrame({

@@ -24,6 +24,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from cputwin import __version__  # noqa: E402
 from cputwin.evaluation.protocols import SEED_SETS, Evaluation  # noqa: E402
+from cputwin.evaluation.summary import ProtocolSummary  # noqa: E402
 from cputwin.output import write_atomic  # noqa: E402
 from cputwin.telemetry.schema import RUN_COLUMN, TIMESTAMP, WORKLOAD  # noqa: E402
 
@@ -88,18 +89,18 @@ def plot_residuals(pred: pl.DataFrame, title: str) -> str:
     return _png(fig)
 
 
-def plot_r2_per_workload(summary: dict, title: str) -> str:
+def plot_r2_per_workload(summary: ProtocolSummary, title: str) -> str:
     """Bars of R² per workload and model; a bar below R2_FLOOR is cut there, hatched and
     labelled with its value; a missing R² (n/a) is labelled so."""
-    wls = list(summary["per_workload"])
-    models = list(summary["r2"])
+    wls = list(summary.per_workload)
+    models = list(summary.r2)
     fig, ax = plt.subplots(figsize=(11, 4), layout="constrained")
     width = 0.8 / len(models)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = []
     for i, m in enumerate(models):
         colour = colours[i % len(colours)]
-        raw = np.array([_number(summary["per_workload"][w]["r2"].get(m)) for w in wls])
+        raw = np.array([summary.per_workload[w].score("r2", m) for w in wls])
         x = np.arange(len(wls)) + i * width
         bars = ax.bar(x, np.where(np.isnan(raw), 0.0, np.maximum(raw, R2_FLOOR)), width,
                       color=colour)
@@ -123,16 +124,11 @@ def plot_r2_per_workload(summary: dict, title: str) -> str:
     return _png(fig)
 
 
-def _number(value: Any) -> float:
-    return float("nan") if value is None else float(value)
-
-
-def result_line(summary: dict, model: str = "stack") -> str:
+def result_line(summary: ProtocolSummary, model: str = "stack") -> str:
     """The headline in plain words: the model's scores on the test rows, nothing more."""
-    return (f"{model}: R² {_number(summary['r2'][model]):.4f}, MAE "
-            f"{_number(summary['mae'][model]):.3f} and RMSE "
-            f"{_number(summary['rmse'][model]):.3f} percentage points, over "
-            f"{summary['rows']['test']} test rows ({summary['protocol']} protocol).")
+    s = summary.headline(model)
+    return (f"{model}: R² {s.r2:.4f}, MAE {s.mae:.3f} and RMSE {s.rmse:.3f} percentage "
+            f"points, over {summary.rows.test} test rows ({summary.protocol} protocol).")
 
 
 def spread(r2: float, rmse: float) -> float:
@@ -149,14 +145,14 @@ def na_note(name: str, rows: int, mae: float) -> str:
             "stayed.")
 
 
-def workload_notes(summary: dict, model: str = "stack") -> list[str]:
+def workload_notes(summary: ProtocolSummary, model: str = "stack") -> list[str]:
     """Why a workload's R² is low or missing, in this data's own figures."""
-    overall = spread(_number(summary["r2"][model]), _number(summary["rmse"][model]))
+    overall = spread(summary.r2[model], summary.rmse[model])
     notes = []
-    for name, entry in summary["per_workload"].items():
-        r2, rmse = _number(entry["r2"].get(model)), _number(entry["rmse"].get(model))
+    for name, entry in summary.per_workload.items():
+        r2, rmse = entry.score("r2", model), entry.score("rmse", model)
         if math.isnan(r2):
-            notes.append(na_note(name, entry["rows"], _number(entry["mae"].get(model))))
+            notes.append(na_note(name, entry.rows, entry.score("mae", model)))
         elif r2 < LOW_R2:
             sd = spread(r2, rmse)
             why = (f"the core varies little within it (sd {sd:.2f} points, against "
@@ -168,28 +164,28 @@ def workload_notes(summary: dict, model: str = "stack") -> list[str]:
     return notes
 
 
-def metrics_table(summary: dict) -> str:
+def metrics_table(summary: ProtocolSummary) -> str:
     rows = "".join(
-        f"<tr><td>{m}</td><td>{summary['r2'][m]:.4f}</td><td>{summary['mae'][m]:.3f}</td>"
-        f"<td>{summary['rmse'][m]:.3f}</td></tr>"
-        for m in summary["r2"]
+        f"<tr><td>{m}</td><td>{summary.r2[m]:.4f}</td><td>{summary.mae[m]:.3f}</td>"
+        f"<td>{summary.rmse[m]:.3f}</td></tr>"
+        for m in summary.r2
     )
-    w = summary["meta"]["weights"]
-    weights = ", ".join(f"{k} {v:.4f}" for k, v in w.items())
+    meta = summary.meta
+    weights = ", ".join(f"{k} {v:.4f}" for k, v in meta.weights.items())
     return (
-        f"<p>protocol <b>{summary['protocol']}</b>, target <code>{summary['target']}</code>, "
-        f"mode <b>{summary.get('mode', 'sensor')}</b>, meta-model {summary['meta'].get('kind', 'ridge')}, "
-        f"rows train {summary['rows']['train']}, test {summary['rows']['test']}</p>"
+        f"<p>protocol <b>{summary.protocol}</b>, target <code>{summary.target}</code>, "
+        f"mode <b>{summary.mode}</b>, meta-model {meta.kind}, "
+        f"rows train {summary.rows.train}, test {summary.rows.test}</p>"
         "<table><tr><th>model</th><th>R²</th><th>MAE</th><th>RMSE</th></tr>"
         f"{rows}</table><p>meta weights: {weights}; intercept "
-        f"{summary['meta']['intercept']:.4f}</p><p>{html.escape(result_line(summary))}</p>"
+        f"{meta.intercept:.4f}</p><p>{html.escape(result_line(summary))}</p>"
         + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in workload_notes(summary))
     )
 
 
 def section(ev: Evaluation) -> str:
     s = ev.summary
-    name = f"{s['protocol']} · {s['target']}"
+    name = f"{s.protocol} · {s.target}"
     imgs = [
         plot_over_time(ev.predictions, f"{name}: actual and twin over each run's test rows"),
         plot_scatter(ev.predictions, f"{name}: twin vs actual"),
@@ -203,7 +199,7 @@ def section(ev: Evaluation) -> str:
 def explain_difference(seed: Evaluation, honest: Evaluation) -> str:
     """Plain words, with this data's own measurements, for why the two protocols differ."""
     a = seed.audit
-    s, h = seed.summary["r2"], honest.summary["r2"]
+    s, h = seed.summary.r2, honest.summary.r2
     items = [
         f"The random split puts {a['test_rows_with_a_training_neighbour_100ms_away']:.0%} of the "
         "stack's test rows right next (100 ms away, same run) to a row the V2.0 model trained on; "
@@ -221,7 +217,7 @@ def explain_difference(seed: Evaluation, honest: Evaluation) -> str:
         "the base that memorised the most.",
         f"After concatenating and sorting, {a['rows_whose_history_crosses_a_run']} rows have lags "
         "that reach into a different run.",
-        honest_comparison(s, h, honest.summary.get("bases", [])),
+        honest_comparison(s, h, honest.summary.bases),
     ]
     lis = "".join(f"<li>{html.escape(i)}</li>" for i in items)
     return f"<section><h2>Why the seed's number does not hold</h2><ul>{lis}</ul></section>"
@@ -260,7 +256,7 @@ def write_report(out_dir: Path, evaluations: list[Evaluation], title: str,
     """Write `report.html` into `out_dir` and return its path; `data` (the paths read)
     is named on the page with the version, date and command."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    by_name = {e.summary["protocol"]: e for e in evaluations}
+    by_name = {e.summary.protocol: e for e in evaluations}
     body = "".join(section(e) for e in evaluations)
     if "seed" in by_name and "honest" in by_name:
         body = explain_difference(by_name["seed"], by_name["honest"]) + body

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from cputwin.errors import FeatureError
+from cputwin.errors import ContractError
 from cputwin.features.spec import FeatureSpec
 from cputwin.telemetry.ingest import DataWarning, schema_of
 from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD, WORKLOAD_CPU
@@ -156,10 +156,9 @@ def compile_spec(
     """Resolve groups for this target and core list into ops, named from the spec.
 
     Order: current columns, workload one-hots, then lags ordered by lag and column, then
-    windows (the seed's order, which LightGBM's column sampling sees).
+    windows (the seed's order, which LightGBM's column sampling sees). `target` is one of
+    `cores`: the twin checked it against its data (`Schema.check_target`).
     """
-    if target not in cores:
-        raise FeatureError(f"target {target!r} is not one of the cores {cores[0]} … {cores[-1]}")
     ops: list[Op] = []
     for group in spec.current:
         ops += [Op(col, col, "now") for col in resolve_group(group, target, cores)]
@@ -251,7 +250,7 @@ def workload_cpu_column(frame: pl.DataFrame, reader: str) -> pl.Series:
     column = (frame[WORKLOAD_CPU].cast(pl.Float64).fill_nan(None)
               if WORKLOAD_CPU in frame.columns else None)
     if column is None or (frame.height and column.null_count() == frame.height):
-        raise FeatureError(
+        raise ContractError(
             f"{reader} reads {WORKLOAD_CPU!r} (the labelled workload's own "
             "CPU use, recorded by `cputwin collect`), which this data does not have; "
             "the seed's data has none"

@@ -104,9 +104,9 @@ class FeatureSpec:
         return self.groups <= POOLABLE_GROUPS
 
     def for_mode(self, mode: str) -> FeatureSpec:
-        """The spec as a twin of this mode may use it (independent: no target-carrying group)."""
-        if mode not in MODES:
-            raise FeatureError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        """The spec as a twin of this mode may use it (independent: no target-carrying group).
+
+        `mode` is one of MODES: the twin checks it among its parameters before it asks."""
         if mode == "sensor":
             return self
         keep = [g for g in GROUPS if g not in TARGET_CARRYING]

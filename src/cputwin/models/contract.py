@@ -5,6 +5,11 @@ mode, the workloads and hosts it saw, whether samples must carry the workload's 
 use, whether it moves between machines, and its sample interval. Batch prediction, the
 online twin, `watch` and `serve` check their input here and nowhere else; a breach is a
 `ContractError`, whose message says what is wrong with the data, not which flag to use.
+
+Before a contract exists (at fit) the same rules are checked by the layer that owns the
+data, with the same exception: the target is a core of the data (`Schema.check_target`),
+a feature set that reads the workload's own CPU use is given data that has it
+(`features.engine.workload_cpu_column`).
 """
 
 from __future__ import annotations
@@ -15,12 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from cputwin.errors import DataError
+from cputwin.errors import ContractError
 from cputwin.telemetry.schema import WORKLOAD_CPU, Schema
 
-
-class ContractError(DataError):
-    """Input the twin cannot take: other cores, a missing or impossible value."""
+__all__ = ["ContractError", "InputContract"]
 
 
 @dataclass(frozen=True)

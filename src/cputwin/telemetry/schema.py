@@ -78,9 +78,9 @@ class Schema:
 
 
 def raise_target(target: str, cores: list[str]) -> None:
-    from cputwin.errors import DataError
+    from cputwin.errors import ContractError
 
-    raise DataError(
+    raise ContractError(
         f"target {target!r} is not a core of this data: expected one of "
         f"{cores[0]} … {cores[-1]}"
     )
