@@ -6,6 +6,7 @@ than other detectors?
                             [--source psutil|node_exporter] [--rate HZ]
                             [--keep DIR | --score DIR] [--json]
     python bench/anomaly.py --source node_exporter --repeats 2   # 1 Hz, unlabelled
+    python bench/anomaly.py --workloads idle,io_bound,network_bound   # a narrower normal
 
 Each of `--repeats` recordings is fresh, with its own seed (seed, seed + 1, …):
 1. training runs, one per built-in workload (`--train-seconds` each);
@@ -195,11 +196,12 @@ def injector(stop: threading.Event, plan: list[dict], events: list[Event]) -> No
 # ------------------------------------------------------------------ recording
 
 
-def record_set(folder: Path, seconds: float, plans: list[list[dict]] | None = None) -> list[Event]:
+def record_set(folder: Path, seconds: float, plans: list[list[dict]] | None = None,
+               workloads: list[str] | None = None) -> list[Event]:
     """One run per workload; with `plans` (one per workload), its hidden loads."""
     events: list[Event] = []
     collector = Collector()
-    for i, name in enumerate(WORKLOADS):
+    for i, name in enumerate(workloads or list(WORKLOADS)):
         stop = threading.Event()
         thread = None
         if plans is not None:
@@ -213,10 +215,12 @@ def record_set(folder: Path, seconds: float, plans: list[list[dict]] | None = No
 
 
 def record_unlabelled(folder: Path, seconds: float, url: str, rate: float,
-                      plan: list[dict] | None = None) -> list[Event]:
+                      plan: list[dict] | None = None,
+                      names: list[str] | None = None) -> list[Event]:
     """What an operator's exporter gives: one unlabelled run of this machine scraped from
-    its node_exporter at `rate`, while the built-in workloads take turns (`seconds` each)
-    and, with `plan`, hidden loads run."""
+    its node_exporter at `rate`, while the built-in workloads (or `names`) take turns
+    (`seconds` each) and, with `plan`, hidden loads run."""
+    names = names or list(WORKLOADS)
     from cputwin.telemetry.prometheus import NodeExporterSampler
     from cputwin.telemetry.workloads import WorkloadProcess
 
@@ -224,7 +228,7 @@ def record_unlabelled(folder: Path, seconds: float, url: str, rate: float,
     stop = threading.Event()
 
     def workloads() -> None:
-        for name in WORKLOADS:
+        for name in names:
             proc = WorkloadProcess(WORKLOADS[name])
             proc.start()
             try:
@@ -240,7 +244,7 @@ def record_unlabelled(folder: Path, seconds: float, url: str, rate: float,
     for thread in threads:
         thread.start()
     try:
-        Collector(rate=rate).record_from(sampler, seconds * len(WORKLOADS), folder)
+        Collector(rate=rate).record_from(sampler, seconds * len(names), folder)
     finally:
         stop.set()
         for thread in threads:
@@ -283,11 +287,12 @@ def record(root: Path, seed: int, settings: dict, say) -> None:
     if settings["target_core"] >= n_cores:
         raise ValueError(f"--target-core {settings['target_core']}: this machine has {n_cores} cores")
     kinds = KindQueue(rng)
+    names = settings.get("workloads") or list(WORKLOADS)
     if settings.get("source", "psutil") == "node_exporter":
         root.mkdir(parents=True, exist_ok=True)
         exporter, url = node_exporter(root)
         try:
-            total = settings["seconds"] * len(WORKLOADS)
+            total = settings["seconds"] * len(names)
             plan = plan_run(total, kinds, settings["target_core"], n_cores, rng,
                             warmup_s(settings["rate"]))
             for part, seconds, hidden in (("train", settings["train_seconds"], None),
@@ -295,19 +300,20 @@ def record(root: Path, seed: int, settings: dict, say) -> None:
                                           ("inject", settings["seconds"], plan)):
                 say(f"recording {root.name}: {part} (node_exporter at {settings['rate']:g} Hz"
                     + (f", {len(plan)} hidden loads)" if hidden else ")"))
-                events = record_unlabelled(root / part, seconds, url, settings["rate"], hidden)
+                events = record_unlabelled(root / part, seconds, url, settings["rate"], hidden,
+                                           names)
         finally:
             exporter.terminate()
             exporter.wait(10)
     else:
         plans = [plan_run(settings["seconds"], kinds, settings["target_core"], n_cores, rng)
-                 for _ in WORKLOADS]
+                 for _ in names]
         say(f"recording {root.name}: training runs")
-        record_set(root / "train", settings["train_seconds"])
+        record_set(root / "train", settings["train_seconds"], workloads=names)
         say(f"recording {root.name}: held-out normal runs")
-        record_set(root / "normal", settings["normal_seconds"])
+        record_set(root / "normal", settings["normal_seconds"], workloads=names)
         say(f"recording {root.name}: injected runs ({sum(map(len, plans))} hidden loads)")
-        events = record_set(root / "inject", settings["seconds"], plans)
+        events = record_set(root / "inject", settings["seconds"], plans, names)
     (root / "events.json").write_text(json.dumps([asdict(e) for e in events], indent=1))
     (root / "recording.json").write_text(json.dumps(
         {"seed": seed, **settings, "instrument": instrument()}, indent=1))
@@ -418,7 +424,7 @@ def score_recording(root: Path, bases: str | None, per_core: bool, say) -> dict:
                  "instrument": meta.get("instrument"),
                  "settings": {k: meta.get(k) for k in ("train_seconds", "normal_seconds",
                                                        "seconds", "target_core", "source",
-                                                       "rate")},
+                                                       "rate", "workloads")},
                  "normal_hours": hours, "cores": n_cores,
                  "events": {k: sum(e.kind == k for e in events) for k in KINDS},
                  "kinds": {k: {} for k in KINDS}, "false_alarms": {}, "thresholds": thresholds,
@@ -521,7 +527,8 @@ def markdown(summary: dict, command: str) -> str:
     out = [f"`{command}` on {inst['logical_cores']} logical cores ({inst['cpu_model']}): "
            f"{summary['recordings']} recording(s), "
            f"{summary['normal_hours'] * 60:.1f} min of held-out normal time, source "
-           f"{settings.get('source') or 'psutil'} at {settings.get('rate') or 10:g} Hz.", "",
+           f"{settings.get('source') or 'psutil'} at {settings.get('rate') or 10:g} Hz, "
+           f"workloads {', '.join(settings.get('workloads') or WORKLOADS)}.", "",
            "Each cell: recall, mean (min over recordings) · median delay s · event-wise PR-AUC.",
            "", "| detector | " + " | ".join(KINDS) + " | false alarms per core-hour |",
            "|---|" + "---|" * len(KINDS) + "---|"]
@@ -579,6 +586,9 @@ def main() -> None:
                         help="psutil: labelled runs at --rate (10 Hz); node_exporter: "
                              "this machine's node_exporter scraped at --rate (1 Hz), one "
                              "unlabelled run per part while the workloads take turns")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="the built-in workloads that make up normal operation, comma "
+                             "separated (default: all)")
     parser.add_argument("--rate", type=float, default=None,
                         help="samples per second (default 10, or 1 with node_exporter)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -590,13 +600,18 @@ def main() -> None:
     rate = args.rate or (1.0 if args.source == "node_exporter" else 10.0)
     if args.source == "psutil" and rate != 10.0:
         parser.error("--rate applies to --source node_exporter (psutil records at 10 Hz)")
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = sorted(set(names) - set(WORKLOADS))
+    if unknown or not names:
+        parser.error(f"--workloads: unknown workload {unknown[0] if unknown else '(none)'!r} "
+                     f"(choose from {', '.join(WORKLOADS)})")
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     settings = {"train_seconds": args.train_seconds, "normal_seconds": args.normal_seconds,
                 "seconds": args.seconds, "target_core": args.target_core,
-                "source": args.source, "rate": rate}
+                "source": args.source, "rate": rate, "workloads": names}
     machine = instrument()
     say(f"instrument: {machine['logical_cores']} logical cores, {machine['cpu_model']}")
     warnings.simplefilter("ignore")
@@ -605,7 +620,7 @@ def main() -> None:
             if args.score:
                 roots = recordings_in(args.score)
             else:
-                per = len(WORKLOADS) * (args.train_seconds + args.normal_seconds + args.seconds)
+                per = len(names) * (args.train_seconds + args.normal_seconds + args.seconds)
                 say(f"recording {args.repeats} × {per / 60:.1f} min = "
                     f"{args.repeats * per / 60:.1f} min (keep the machine quiet), then scoring")
                 base = args.keep or Path(tmp)

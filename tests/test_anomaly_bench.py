@@ -369,3 +369,10 @@ def test_an_unlabelled_run_is_scraped_from_the_real_node_exporter(tmp_path):
     assert frame["run"].n_unique() == 1  # one run, as an exporter gives
     assert frame["workload_type"].unique().to_list() == [UNLABELLED]
     assert frame.height >= 0.5 * len(A.WORKLOADS) * 4.0 - 3
+    proc, url = A.node_exporter(tmp_path)
+    try:  # a narrower normal operation: only the workloads named
+        A.record_unlabelled(tmp_path / "two", 1.0, url, rate=4.0, names=["idle", "io_bound"])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert 2 * 4.0 - 3 <= load_runs(tmp_path / "two").height <= 2 * 4.0 + 1
