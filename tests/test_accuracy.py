@@ -1,6 +1,6 @@
 """The twin's accuracy on the seed data, honestly scored: a regression guard for issue 3.
 
-Full-size models (about 45 s on a 2-core machine); skipped where ../shared is absent.
+Full-size models (a few seconds each on a 2-core machine); skipped where ../shared is absent.
 """
 
 from __future__ import annotations
@@ -28,3 +28,8 @@ def test_sensor_twin_of_core_0_beats_every_base_and_reaches_0_935(seed_frame):
     assert r2["stack"] >= best_base - 0.002
     assert r2["stack"] >= 0.935
     assert stack.meta_.kind.startswith("auto:")
+
+
+def test_independent_twin_of_core_0_reaches_0_73(seed_frame):
+    evaluation, _ = evaluate_honest(seed_frame, make_stack("cpu_util_core_0", "twin", "independent"))
+    assert evaluation.summary.r2["stack"] >= 0.73

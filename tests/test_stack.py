@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import polars as pl
 import pytest
@@ -8,7 +10,9 @@ from sklearn.base import clone
 from conftest import FAST
 from cputwin import TwinStack
 from cputwin.errors import ModelError
+from cputwin.models.base import fit_lgbm
 from cputwin.models.contract import ContractError
+from cputwin.models.stack import LocalRows
 from helpers import synthetic_run
 
 SEED_PAIR = {"bases": "seed", "meta_model": "ridge"}  # TwinStack's defaults are the CLI's
@@ -127,3 +131,28 @@ def test_predict_before_fit_and_wrong_core_count():
     other = synthetic_run(cores=2).with_columns(pl.lit("x").alias("run"))
     with pytest.raises(ContractError, match="trained on 4 cores, the data has 2"):
         stack.predict(other)
+
+
+@pytest.mark.parametrize("base", ["gbm_l2", "gbm_pooled"])
+def test_a_refit_on_the_shared_dataset_equals_a_plain_lightgbm_fit(sample_frame, base):
+    """Folds and refits train on subsets of one binned Dataset; on every training row that
+    is the very model a plain LightGBM fit of those rows gives."""
+    stack = TwinStack(bases=["physics_linear", base], target="cpu_util_core_1",
+                      base_params={base: {"n_estimators": 30}}).fit(sample_frame)
+    rows = LocalRows(stack, sample_frame)
+    X, y = rows.rows(1, np.flatnonzero(rows.valid))
+    plain = fit_lgbm({**stack.base_params_[base], "n_jobs": 1}, X, y, rows.mats[1].names)
+    np.testing.assert_array_equal(plain.booster_.predict(X), stack.bases_[1].predict(X))
+
+
+def test_fits_side_by_side_give_the_twin_of_fits_one_after_another(sample_frame):
+    bases = ["physics_linear", "gbm_l2", "gbm_pooled"]
+    quick = {"n_estimators": 20}
+    together = TwinStack(bases=bases, base_params={b: quick for b in bases[1:]}).fit(sample_frame)
+    alone = TwinStack(bases=bases, base_params={b: {**quick, "n_jobs": 1} for b in bases[1:]}
+                      ).fit(sample_frame)
+    rows = LocalRows(together, sample_frame)
+    assert rows.threads(together.base_params_) == len(os.sched_getaffinity(0))
+    assert rows.threads(alone.base_params_) == 1
+    np.testing.assert_array_equal(together.oof_predictions_, alone.oof_predictions_)
+    np.testing.assert_array_equal(together.predict(sample_frame), alone.predict(sample_frame))

@@ -10,11 +10,15 @@ cannot do this: `cross_val_predict` needs folds that partition the data.
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import lightgbm as lgb
 import numpy as np
 import polars as pl
 from sklearn.base import BaseEstimator, RegressorMixin
@@ -26,11 +30,13 @@ from cputwin.features.spec import MODES
 from cputwin.models.base import (
     BaseSpec,
     FittedBase,
+    LightGBMModel,
     base_from_dict,
+    dataset_params,
     fit_base,
-    fit_lgbm,
     params_for,
     resolve_bases,
+    train_lgbm,
 )
 from cputwin.models.contract import InputContract
 from cputwin.models.meta import META_KINDS, LinearMeta, choose_meta, fit_meta
@@ -44,6 +50,69 @@ FEATURE_DTYPES = {"float64": np.float64, "float32": np.float32}
 
 def _noop(_: str, __: float) -> None:
     return None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One fit of a stack: `run(params, on_round)` with its base's LightGBM parameters."""
+
+    key: Any
+    base: str
+    message: str
+    cost: float  # rows × rounds: the largest go first
+    run: Callable[[dict[str, Any], Callable[[float], None]], Any]
+
+
+class Steps:
+    """Progress over a fit's steps, of which several may be running at once."""
+
+    def __init__(self, progress: Progress, n: int) -> None:
+        self.progress, self.n = progress, max(n, 1)
+        self.done, self.running, self.message = 0, {}, ""
+        self.lock = threading.Lock()
+
+    def _report(self) -> None:
+        self.progress(self.message, min((self.done + sum(self.running.values())) / self.n, 1.0))
+
+    def start(self, key: Any, message: str) -> Callable[[float], None]:
+        """Mark a step as running; the returned callback takes its share done."""
+        def within(share: float) -> None:
+            with self.lock:
+                self.running[key] = min(share, 1.0)
+                self._report()
+
+        with self.lock:
+            self.running[key], self.message = 0.0, message
+            self._report()
+        return within
+
+    def finish(self, key: Any) -> None:
+        with self.lock:
+            self.running.pop(key, None)
+            self.done += 1
+            self._report()
+
+
+def run_tasks(budget: int | None, params: dict[str, dict[str, Any]], steps: Steps,
+              tasks: list[Task]) -> dict[Any, Any]:
+    """Run independent fits, each task's result by its key. budget: the threads they may
+    use together, shared out as one thread per fit when there are enough fits (None: one
+    after another, with the parameters as given)."""
+    workers = 1 if budget is None else max(1, min(budget, len(tasks)))
+    threads = None if budget is None else max(1, budget // workers)
+
+    def one(t: Task) -> Any:
+        p = params[t.base] if threads is None else {**params[t.base], "n_jobs": threads}
+        out = t.run(p, steps.start(t.key, t.message))
+        steps.finish(t.key)
+        return out
+
+    order = sorted(tasks, key=lambda t: -t.cost)
+    if workers == 1:
+        return {t.key: one(t) for t in order}
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {t.key: pool.submit(one, t) for t in order}
+        return {key: f.result() for key, f in futures.items()}
 
 
 class TwinStack(RegressorMixin, BaseEstimator):
@@ -158,62 +227,68 @@ class TwinStack(RegressorMixin, BaseEstimator):
 
     def fit_from(self, rows: TrainingRows, progress: Progress | None = None) -> TwinStack:
         """The honest fit on prepared training rows, wherever they live (`LocalRows` here,
-        a Dask cluster in `cputwin.models.cluster`): rounds, folds, meta-model, refit."""
-        progress = progress or _noop
+        a Dask cluster in `cputwin.models.cluster`): rounds, folds, meta-model, refit.
+
+        Every fold fit and every refit is independent of the others, so where the rows
+        name a thread budget (`LocalRows.threads`) they run side by side, one LightGBM
+        thread each, largest first: on a few thousand rows one thread per fit beats
+        several threads on one fit, which spend their time waiting on each other."""
         valid = rows.valid
         if not valid.any():
             raise ModelError("no training row has the history the feature sets need")
         names = [b.name for b in self.base_specs_]
         stopping = [b for b in self.base_specs_ if b.early_stopping and b.learner == "lgbm"
                     and self.early_stopping_fraction > 0 and rows.can_stop_early]
-        n_steps = len(self.base_specs_) * (self.n_folds + 1) + len(stopping)
-        done = iter(range(n_steps))
-        now = {"step": 0, "message": ""}
-
-        def step(message: str) -> None:
-            now.update(step=next(done), message=message)
-            progress(message, now["step"] / n_steps)
-
-        def within(share: float) -> None:
-            """Progress inside the current step (boosting rounds)."""
-            progress(now["message"], (now["step"] + min(share, 1.0)) / n_steps)
-
+        n_plan_max = self.n_folds + 1
+        steps = Steps(progress or _noop, len(self.base_specs_) * n_plan_max + len(stopping))
         params = {b.name: params_for(b.name, {**b.params, **(self.base_params or {}).get(b.name, {})})
                   for b in self.base_specs_}
-        for j, spec in enumerate(self.base_specs_):
-            if spec in stopping:
-                step(f"choosing rounds for {spec.name}")
-                params[spec.name]["n_estimators"] = self._rounds(rows, j, params[spec.name], within)
+        budget = rows.threads(params) if hasattr(rows, "threads") else None
+
+        def task(key: Any, j: int, message: str, train: np.ndarray, run: Callable) -> Task:
+            spec = self.base_specs_[j]
+            cost = train.size * (len(self.targets_) if spec.pooled and not self.machine_ else 1)
+            if spec.learner == "lgbm":
+                cost *= params[spec.name]["n_estimators"]
+            return Task(key, spec.name, message, float(cost), run)
+
+        every = np.flatnonzero(valid)
+        chosen = run_tasks(budget, params, steps, [
+            task(j, j, f"choosing rounds for {spec.name}", every,
+                 lambda p, on_round, j=j: self._rounds(rows, j, p, on_round))
+            for j, spec in enumerate(self.base_specs_) if spec in stopping])
+        for j, rounds in chosen.items():
+            params[self.base_specs_[j].name]["n_estimators"] = rounds
         self.base_params_ = params
 
-        self.fold_plan_ = self._fold_plan(valid, rows.position, rows.n_in_run)
-        oof_rows = np.concatenate([f["predict"] for f in self.fold_plan_])
-        blocks = np.concatenate([np.full(f["predict"].size, k) for k, f in enumerate(self.fold_plan_)])
-        oof = np.empty((oof_rows.size, len(self.base_specs_)))
-        for j, spec in enumerate(self.base_specs_):
-            start = 0
-            for k, fold in enumerate(self.fold_plan_):
-                step(f"fold {k + 1}/{len(self.fold_plan_)} of {spec.name}")
-                model = rows.fit(j, params[spec.name], fold["train"], within)
-                n = fold["predict"].size
-                oof[start:start + n, j] = rows.predict(j, model, fold["predict"])
-                start += n
-        self.oof_predictions_ = oof
-        self.oof_index_ = oof_rows
+        self.fold_plan_ = plan = self._fold_plan(valid, rows.position, rows.n_in_run)
+        n_plan = len(plan)
+        blocks = np.concatenate([np.full(f["predict"].size, k) for k, f in enumerate(plan)])
+
+        def fold(j: int, k: int) -> Callable[[dict[str, Any], Any], Any]:
+            """Base j's predictions of fold k's block, or its refit on every row (k == n_plan)."""
+            if k == n_plan:
+                return lambda p, on_round: rows.fit(j, p, every, on_round)
+            return lambda p, on_round: rows.predict(j, rows.fit(j, p, plan[k]["train"], on_round),
+                                                    plan[k]["predict"])
+
+        done = run_tasks(budget, params, steps, [
+            task((j, k), j, f"refitting {spec.name}" if k == n_plan else
+                 f"fold {k + 1}/{n_plan} of {spec.name}",
+                 every if k == n_plan else plan[k]["train"], fold(j, k))
+            for j, spec in enumerate(self.base_specs_) for k in range(n_plan + 1)])
+        self.oof_index_ = oof_rows = np.concatenate([f["predict"] for f in plan])
+        self.oof_predictions_ = oof = np.column_stack(
+            [np.concatenate([done[(j, k)] for k in range(n_plan)]) for j in range(len(names))])
         y_oof, wl_oof = rows.target[oof_rows], rows.workloads[oof_rows]
         if self.meta_model == "auto":
             self.meta_, self.meta_scores_ = choose_meta(names, oof, y_oof, wl_oof, blocks)
         else:
             self.meta_ = fit_meta(self.meta_model, names, oof, y_oof, wl_oof)
             self.meta_scores_ = {}
-
-        self.bases_: list[FittedBase] = []
-        every = np.flatnonzero(valid)
-        for j, spec in enumerate(self.base_specs_):
-            step(f"refitting {spec.name}")
-            self.bases_.append(rows.fit(j, params[spec.name], every, within))
+        self.bases_: list[FittedBase] = [done[(j, n_plan)] for j in range(len(names))]
         self.n_train_rows_ = int(every.size)
-        progress("fitted", 1.0)
+        steps.progress("fitted", 1.0)
         return self
 
     @property
@@ -503,14 +578,19 @@ class TrainingRows(Protocol):
 
 
 class LocalRows:
-    """Training rows in this process: one feature matrix per base (and per core for a
-    pooled base, whose training rows are every core's rows as targets)."""
+    """Training rows in this process: one feature matrix per feature set (and per core for
+    a pooled base, whose training rows are every core's rows as targets).
+
+    Bases that share a feature set share its matrices, and their LightGBM fits share one
+    binned Dataset of every valid row: a fold trains on a subset of it, so the binning is
+    done once per feature set, not once per fold and base."""
 
     can_stop_early = True
 
     def __init__(self, stack: TwinStack, frame: pl.DataFrame) -> None:
         self.stack = stack
-        self.mats = stack._features(frame)
+        self._built: list[tuple[Any, str, FeatureMatrix]] = []
+        self.mats = [self._matrix(frame, spec, stack.target) for spec in stack.base_specs_]
         self.valid = np.logical_and.reduce([m.valid for m in self.mats])
         self.position = self.mats[0].keys["position"].to_numpy()
         self.n_in_run = frame.select(pl.len().over(RUN_COLUMN))[:, 0].to_numpy()
@@ -518,13 +598,45 @@ class LocalRows:
         self.workloads = frame[WORKLOAD].to_numpy()
         self.views = [self._views(frame, spec, mat)
                       for spec, mat in zip(stack.base_specs_, self.mats, strict=True)]
+        self._init_datasets()
+
+    def _matrix(self, frame: pl.DataFrame, spec: BaseSpec, core: str) -> FeatureMatrix:
+        """A feature set's matrix for one target core, built once whatever asks for it."""
+        for features, target, mat in self._built:
+            if features == spec.features and target == core:
+                return mat
+        mat = self.stack.matrix(frame, spec, core)
+        self._built.append((spec.features, core, mat))
+        return mat
 
     def _views(self, frame, spec: BaseSpec, mat: FeatureMatrix) -> list[tuple[np.ndarray, np.ndarray]]:
         """(X, y) pairs a base trains on: the target's, or every core's for a pooled base."""
         if not spec.pooled:
             return [(mat.X, self.target)]
-        return [(mat.X if core == self.stack.target else self.stack.matrix(frame, spec, core).X,
-                 frame[core].to_numpy()) for core in self.stack.schema_.core_columns]
+        return [(self._matrix(frame, spec, core).X, frame[core].to_numpy())
+                for core in self.stack.schema_.core_columns]
+
+    def _init_datasets(self) -> None:
+        self._datasets: dict[Any, tuple[Any, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def threads(self, params: dict[str, dict[str, Any]]) -> int:
+        """Threads the fits may use together: the smallest thread count a base was given
+        (`n_jobs` > 0, e.g. several twins trained side by side), else every core here."""
+        given = [int(p["n_jobs"]) for p in params.values() if int(p.get("n_jobs") or -1) > 0]
+        return min(given) if given else len(os.sched_getaffinity(0))
+
+    def _design(self, j: int) -> tuple[Any, int]:
+        """Base j's training design: a key shared by bases on the same matrices, and how
+        many stacked copies of the frame's rows it trains on (one per core when pooled)."""
+        views = self.views[j]
+        return tuple(id(X) for X, _ in views), len(views)
+
+    def _expand(self, j: int, rows: np.ndarray) -> np.ndarray:
+        """Frame rows as rows of base j's stacked views (core by core)."""
+        _, copies = self._design(j)
+        n = self.valid.size
+        return rows if copies == 1 else np.concatenate([rows + c * n for c in range(copies)])
 
     def rows(self, j: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         views = self.views[j]
@@ -532,18 +644,38 @@ class LocalRows:
             return views[0][0][rows], views[0][1][rows]
         return np.vstack([X[rows] for X, _ in views]), np.concatenate([y[rows] for _, y in views])
 
+    def dataset(self, j: int, params: dict[str, Any], rows: np.ndarray) -> lgb.Dataset:
+        """A LightGBM Dataset of some rows for base j: a subset of the Dataset of every
+        valid row, binned once per design and binning parameters."""
+        shaping = dataset_params(params)
+        key = (self._design(j)[0], tuple(sorted(shaping.items())))
+        with self._lock:
+            if key not in self._datasets:
+                every = np.flatnonzero(self.valid)
+                full = lgb.Dataset(*self.rows(j, every), feature_name=self.mats[j].names,
+                                   params={**shaping, "num_threads": self.threads({})},
+                                   free_raw_data=True).construct()
+                where = np.full(self.valid.size * self._design(j)[1], -1, dtype=np.int64)
+                where[self._expand(j, every)] = np.arange(self._expand(j, every).size)
+                self._datasets[key] = (full, where)
+            full, where = self._datasets[key]
+        return full.subset(where[self._expand(j, rows)].astype(np.int32))
+
     def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round) -> FittedBase:
-        return fit_base(self.stack.base_specs_[j], params, *self.rows(j, rows),
-                        self.mats[j].names, on_round=on_round)
+        spec = self.stack.base_specs_[j]
+        if spec.learner != "lgbm":
+            return fit_base(spec, params, *self.rows(j, rows), self.mats[j].names)
+        booster = train_lgbm(params, self.dataset(j, params, rows), on_round)
+        return LightGBMModel(spec.name, self.mats[j].names, booster)
 
     def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray:
         return model.predict(self.mats[j].X[rows])
 
     def best_rounds(self, j: int, params: dict[str, Any], train: np.ndarray, val: np.ndarray,
                     on_round) -> int:
-        model = fit_lgbm(params, *self.rows(j, train), self.mats[j].names,
-                         eval_set=self.rows(j, val), on_round=on_round)
-        return max(int(model.best_iteration_ or params["n_estimators"]), 1)
+        booster = train_lgbm(params, self.dataset(j, params, train), on_round,
+                             valid_set=self.dataset(j, params, val))
+        return max(int(booster.best_iteration or params["n_estimators"]), 1)
 
 
 class PooledRows(LocalRows):
@@ -554,16 +686,11 @@ class PooledRows(LocalRows):
 
     def __init__(self, stack: TwinStack, frame: pl.DataFrame) -> None:
         self.stack = stack
+        self._built = []
         cores = stack.targets_
-        specs: list[Any] = []  # distinct feature specs (two seeds of one base share theirs)
-        spec_of_base = []
-        for base in stack.base_specs_:
-            if base.features not in specs:
-                specs.append(base.features)
-            spec_of_base.append(specs.index(base.features))
-        per_core = [[stack.matrix(frame, stack.base_specs_[spec_of_base.index(i)], core)
-                     for i in range(len(specs))] for core in cores]
-        self.mats = [per_core[0][i] for i in spec_of_base]
+        per_core = [[self._matrix(frame, base, core) for base in stack.base_specs_]
+                    for core in cores]
+        self.mats = per_core[0]
         valid = np.logical_and.reduce([m.valid for m in self.mats])
         k = len(cores)
         self.valid = np.tile(valid, k)
@@ -571,11 +698,11 @@ class PooledRows(LocalRows):
         self.n_in_run = np.tile(frame.select(pl.len().over(RUN_COLUMN))[:, 0].to_numpy(), k)
         self.target = np.concatenate([frame[c].to_numpy() for c in cores])
         self.workloads = np.tile(frame[WORKLOAD].to_numpy(), k)
-        stacked = [np.vstack([mats[i].X for mats in per_core]) for i in range(len(specs))]
-        self.stacked = [stacked[i] for i in spec_of_base]
-
-    def rows(self, j: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.stacked[j][rows], self.target[rows]
+        stacked: dict[int, np.ndarray] = {}  # one stacked matrix per feature set
+        self.stacked = [stacked.setdefault(id(mat), np.vstack([m[j].X for m in per_core]))
+                        for j, mat in enumerate(self.mats)]
+        self.views = [[(X, self.target)] for X in self.stacked]
+        self._init_datasets()
 
     def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray:
         return model.predict(self.stacked[j][rows])
