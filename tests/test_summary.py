@@ -13,6 +13,7 @@ from cputwin.evaluation.summary import (
     Headline,
     MetaSummary,
     OutOfFold,
+    PredictResult,
     ProtocolSummary,
     Rows,
     TargetsSummary,
@@ -70,3 +71,37 @@ def test_out_of_fold_scores_render_flat():
     assert list(plain) == ["a", "stack", "per_core"]
     assert plain["stack"] == {"r2": plain["stack"]["r2"], "mae": 1.0, "rmse": 1.0, "n": 10}
     assert "per_core" not in OutOfFold(models=oof.models).to_dict()
+
+
+def test_predict_renders_one_cores_scores_flat_and_a_machines_per_core():
+    y = np.arange(10.0)
+    one = PredictResult(predictions="p.parquet", target="cpu_util_core_0", mode="sensor",
+                        rows=12, predicted=10, scores={"cpu_util_core_0": scores(y, y)})
+    assert list(one.to_dict()) == ["predictions", "target", "mode", "rows", "predicted",
+                                   "scores"]
+    assert one.to_dict()["scores"]["n"] == 10
+    cores = ["cpu_util_core_0", "cpu_util_core_1"]
+    machine = PredictResult(predictions="p.parquet", target="all", cores=cores,
+                            mode="independent", rows=12, predicted=10,
+                            scores={c: scores(y, y) for c in cores})
+    assert list(machine.to_dict()["scores"]) == cores
+    assert "scores" not in PredictResult(predictions="p.parquet", target="all", cores=cores,
+                                         mode="independent", rows=1, predicted=0).to_dict()
+
+
+def test_predict_with_a_machine_twin_prints_each_cores_scores(sample_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from cputwin.cli import app
+
+    twin, runner = tmp_path / "m.cputwin", CliRunner()
+    trained = runner.invoke(app, ["train", str(sample_data), "--target", "all", "--mode",
+                                  "independent", "--bases", "detect", "--max-rounds", "10",
+                                  "-o", str(twin)])
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["predict", str(twin), str(sample_data),
+                                 "-o", str(tmp_path / "p.parquet")])
+    assert result.exit_code == 0, result.output
+    scored = [line for line in result.stdout.splitlines() if "against the measured core" in line]
+    assert [line.split(": against the measured core: R² ")[0] for line in scored] == [
+        "cpu_util_core_0", "cpu_util_core_1"]

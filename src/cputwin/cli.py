@@ -544,11 +544,11 @@ def predict(
     if as_json:
         _json(result)
         return
-    out.print(f"{result['predicted']} of {result['rows']} rows predicted → {output} "
-              f"(target {result['target']}, mode {result['mode']})")
-    if "scores" in result:
-        s = result["scores"]
-        out.print(f"against the measured core: R² {s['r2']:.4f}, MAE {s['mae']:.3f}")
+    out.print(f"{result.predicted} of {result.rows} rows predicted → {output} "
+              f"(target {result.target}, mode {result.mode})")
+    for core, s in (result.scores or {}).items():
+        out.print(f"{core + ': ' if result.cores else ''}against the measured core: "
+                  f"R² {_fmt(s.r2)}, MAE {s.mae:.3f}")
 
 
 def record_workloads(names: list[str], seconds: float, rate: float, out_dir: Path,

@@ -40,6 +40,7 @@ from cputwin.evaluation.summary import (
     MetaSummary,
     OutOfFold,
     PerHost,
+    PredictResult,
     ProtocolSummary,
     Spread,
     Summary,
@@ -436,7 +437,7 @@ def detector_summary(detectors: dict[str, Detector]) -> dict[str, DetectorSummar
 
 
 def predict(twin: Path, data: Any, out: Path, key: str | bytes | None = None,
-            columns: dict[str, str] | None = None) -> dict[str, Any]:
+            columns: dict[str, str] | None = None) -> PredictResult:
     """Predict every row of `data` with a saved twin and write a parquet of predictions.
 
     key: the signing key the twin must be signed with (`load_twin`); columns: a file's
@@ -455,14 +456,14 @@ def predict(twin: Path, data: Any, out: Path, key: str | bytes | None = None,
         pl.Series("residual", frame[stack.target].to_numpy() - pred),
     )
     write_atomic(out, table.write_parquet)
-    result = {"predictions": str(out), "target": stack.target, "mode": stack.mode,
-              "rows": frame.height, "predicted": int(valid.sum())}
-    if valid.sum() >= 2:
-        result["scores"] = scores(frame[stack.target].to_numpy()[valid], pred[valid]).to_dict()
-    return result
+    return PredictResult(
+        predictions=str(out), target=stack.target, mode=stack.mode, rows=frame.height,
+        predicted=int(valid.sum()),
+        scores={stack.target: scores(frame[stack.target].to_numpy()[valid], pred[valid])}
+        if valid.sum() >= 2 else None)
 
 
-def _predict_machine(stack: TwinStack, frame: pl.DataFrame, out: Path) -> dict[str, Any]:
+def _predict_machine(stack: TwinStack, frame: pl.DataFrame, out: Path) -> PredictResult:
     """A machine twin's predictions: for every core K, `twin_<K>` and `residual_<K>`."""
     cores = stack.cores_of(frame)
     pred = stack.predict(frame)
@@ -472,12 +473,11 @@ def _predict_machine(stack: TwinStack, frame: pl.DataFrame, out: Path) -> dict[s
         *[pl.Series(f"residual_{c}", actual[:, k] - pred[:, k]) for k, c in enumerate(cores)])
     write_atomic(out, table.write_parquet)
     ok = ~np.isnan(pred).any(axis=1)
-    result = {"predictions": str(out), "target": ALL_CORES, "cores": cores,
-              "mode": stack.mode, "rows": frame.height, "predicted": int(ok.sum())}
-    if ok.sum() >= 2:
-        result["scores"] = {c: scores(actual[ok, k], pred[ok, k]).to_dict()
-                            for k, c in enumerate(cores)}
-    return result
+    return PredictResult(
+        predictions=str(out), target=ALL_CORES, cores=cores, mode=stack.mode,
+        rows=frame.height, predicted=int(ok.sum()),
+        scores={c: scores(actual[ok, k], pred[ok, k]) for k, c in enumerate(cores)}
+        if ok.sum() >= 2 else None)
 
 
 def live_workload(stack: TwinStack, workload: str | None) -> str:

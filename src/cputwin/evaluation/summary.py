@@ -10,6 +10,7 @@ data with hosts), so each JSON shape keeps exactly the keys it always had.
     ComparisonSummary    the seed and the honest protocol side by side (`--protocol both`)
     PerHost              one result per host, the failed hosts, the fleet's spread
     TrainResult          a fitted, saved twin (`train`)
+    PredictResult        a twin's predictions written (`predict`)
 """
 
 from __future__ import annotations
@@ -224,6 +225,27 @@ class TrainResult(Rendered):
     detector: dict[str, DetectorSummary]
     timing: dict[str, Any]
     meta: MetaSummary
+
+
+@dataclass(kw_only=True)
+class PredictResult(Rendered):
+    """Predictions written: where, for which core (a machine twin: `cores`), how many rows
+    had the history, and the scores per core against the measured one where at least two
+    rows did. A twin of one core renders its one core's scores as `scores` itself."""
+
+    predictions: str
+    target: str
+    cores: list[str] | None = None
+    mode: str
+    rows: int
+    predicted: int
+    scores: dict[str, Scores] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.cores is None and self.scores is not None:
+            out["scores"] = self.scores[self.target].to_dict()
+        return out
 
 
 @dataclass(kw_only=True)
