@@ -57,17 +57,18 @@ class OnlineTwin:
     one per watched core, by core column.
     compiled_trees: score LightGBM bases with the compiled kernel (`models/forest.py`), or
     with LightGBM's own single-row path; it sets up the stack's bases, so it holds for
-    every OnlineTwin of that stack.
+    every OnlineTwin of that stack. source: what the samples come from, as the contract's
+    errors name it.
     """
 
     def __init__(self, stack: TwinStack, n_cores: int | None = None,
                  detector: Detector | dict[str, Detector] | None = None,
-                 compiled_trees: bool = True) -> None:
+                 compiled_trees: bool = True, source: str = "the stream") -> None:
         stack._check_fitted()
         self.stack = stack
         self.schema = Schema(n_cores=n_cores or stack.schema_.n_cores)
         self.contract = stack.contract_
-        self.contract.check_core_count(self.schema.n_cores, "the stream")
+        self.contract.check_core_count(self.schema.n_cores, source)
         cores = self.schema.core_columns
         self.targets = cores if stack.machine_ else [stack.target]  # the watched cores
         self.detectors = _per_target(detector, self.targets)

@@ -84,10 +84,10 @@ def watch(
     queued to it (and what is queued sent before returning). sampler: what to sample
     instead of this machine (a remote host's `NodeExporterSampler`)."""
     sampler = sampler if sampler is not None else _sampler(workload_pid)
-    stack.contract_.check_core_count(sampler.schema.n_cores, "this machine")
-    stack.contract_.check_workload_cpu_source(
+    twin = OnlineTwin(stack, n_cores=sampler.schema.n_cores, detector=detector,
+                      source="this machine")
+    twin.contract.check_workload_cpu_source(
         workload_pid is not None, "give the process id of the workload (and its children)")
-    twin = OnlineTwin(stack, n_cores=sampler.schema.n_cores, detector=detector)
     host = getattr(sampler, "host", None) or socket.gethostname()
     stream = twin.stream(host)
     cores = sampler.schema.core_columns
