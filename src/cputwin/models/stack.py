@@ -653,7 +653,7 @@ class LocalRows:
             if key not in self._datasets:
                 every = np.flatnonzero(self.valid)
                 full = lgb.Dataset(*self.rows(j, every), feature_name=self.mats[j].names,
-                                   params={**shaping, "num_threads": self.threads({})},
+                                   params={**shaping, "num_threads": self.threads({"": params})},
                                    free_raw_data=True).construct()
                 where = np.full(self.valid.size * self._design(j)[1], -1, dtype=np.int64)
                 where[self._expand(j, every)] = np.arange(self._expand(j, every).size)
