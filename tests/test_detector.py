@@ -5,17 +5,22 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cputwin import TwinStack
 from cputwin.live.detector import (
+    AlarmReplay,
     Detector,
     DetectorSettings,
+    DetectorState,
     Hysteresis,
     calibrate,
     calibrate_pooled,
     count_raises,
     noise_floor,
     resolution_floor,
+    rolling_median,
     sustained,
     tail_threshold,
 )
@@ -40,6 +45,66 @@ def test_a_clear_level_under_the_threshold_keeps_an_alarm_up_through_normal_nois
         logic = Hysteresis(threshold=2.0, raise_ticks=3, clear_ticks=10, clear_level=level)
         events = [logic.step(s) for s in [3, 3, 3, *hover]]
         assert events[2] == "raise" and ("clear" in events) is cleared
+
+
+def stepped(scores, starts, threshold, raise_ticks, clear_ticks, clear_level) -> int:
+    """Raises counted the way a live stream counts them: `Hysteresis`, tick by tick."""
+    count, logic = 0, None
+    for score, start in zip(scores, starts, strict=True):
+        if start or logic is None:
+            logic = Hysteresis(threshold, raise_ticks, clear_ticks, clear_level)
+        count += logic.step(score) == "raise"
+    return count
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]),
+                       min_size=1, max_size=150),
+       breaks=st.lists(st.integers(0, 149), max_size=4),
+       threshold=st.sampled_from([0.9, 1.5, 2.0, 2.4, 3.5]),
+       raise_ticks=st.integers(1, 4), clear_ticks=st.integers(1, 6),
+       clear_level=st.sampled_from([1.0, 0.75, 0.5]))
+def test_the_alarm_replay_counts_what_the_live_hysteresis_raises(
+        values, breaks, threshold, raise_ticks, clear_ticks, clear_level):
+    scores = np.array(values)
+    starts = np.zeros(scores.size, bool)
+    starts[0] = True
+    starts[[b for b in breaks if b < scores.size]] = True
+    replay = AlarmReplay(scores, starts, raise_ticks, clear_ticks)
+    assert replay.raises(threshold, clear_level) == stepped(
+        scores, starts, threshold, raise_ticks, clear_ticks, clear_level)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=80),
+       breaks=st.lists(st.integers(0, 79), max_size=3), window=st.integers(1, 7))
+def test_the_batch_median_is_the_live_smoother(values, breaks, window):
+    values = np.array(values)
+    starts = np.zeros(values.size, bool)
+    starts[0] = True
+    starts[[b for b in breaks if b < values.size]] = True
+    det = Detector(window_ticks=window)
+    live, state = [], None
+    for value, start in zip(values, starts, strict=True):
+        state = DetectorState(det) if start else state
+        live.append(state.smooth(float(value)))
+    assert rolling_median(values, starts, window).tolist() == live
+
+
+def test_calibration_scores_are_the_scores_a_stream_gives():
+    rng = np.random.default_rng(3)
+    residuals = rng.normal(0, 2, 900)
+    workloads = np.array(["a", "b", "c"])[rng.integers(0, 3, 900)]
+    segments = np.repeat([0, 1, 2], 300)
+    det = Detector().standardise(residuals, workloads, 10.0)
+    scores, bounds = det.calibration_scores(residuals, workloads, segments)
+    live = []
+    for s in range(3):
+        state = DetectorState(det)
+        live += [state.smooth(det.z(r, w)) for r, w in
+                 zip(residuals[segments == s], workloads[segments == s], strict=True)]
+    np.testing.assert_allclose(scores, live, rtol=0, atol=1e-12)
+    assert bounds.tolist() == (np.r_[True, np.diff(segments) != 0]).tolist()
 
 
 def flat(det: Detector) -> dict:

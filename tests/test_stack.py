@@ -37,8 +37,8 @@ def _noise_runs(n_runs=3, n=240, seed=0):
 class LeakyStack(TwinStack):
     """A stack whose first fold trains on one of the rows it predicts."""
 
-    def _fold_plan(self, *args):
-        plan = super()._fold_plan(*args)
+    def _fold_plan(self, *args, **kwargs):
+        plan = super()._fold_plan(*args, **kwargs)
         leaked = plan[0]["predict"][:1]
         plan[0]["train"] = np.union1d(plan[0]["train"], leaked)
         return plan
@@ -80,6 +80,31 @@ def test_fold_plan_is_forward_chaining_with_a_gap():
                 # the history any predicted row reads ends after the last training row
                 assert pos[pr].min() - stack.history_ > pos[tr].max()
                 assert pos[pr].min() - pos[tr].max() > stack.gap_
+
+
+def test_early_stopping_chooses_the_rounds_in_the_last_folds_own_fit(sample_frame):
+    # The seed's sets stop early: on the last fold's block, which is each run's tail,
+    # inside that fold's fit (no extra fit); the other folds and the refit train the
+    # rounds it chose, and the last block's predictions are that fold's at those rounds.
+    one_thread = {name: {**FAST[name], "n_estimators": 400, "learning_rate": 0.3, "n_jobs": 1}
+                  for name in ("v2.0", "v2.3")}
+    stack = TwinStack(**SEED_PAIR, base_params=one_thread, early_stopping_fraction=0.15,
+                      target="cpu_util_core_1").fit(sample_frame)
+    rows = LocalRows(stack, sample_frame)
+    pos = rows.position
+    n = rows.n_in_run
+    last = stack.fold_plan_[-1]
+    tail_start = stack.history_ + np.ceil((n - stack.history_) * 0.85)
+    assert (pos[last["predict"]] >= tail_start[last["predict"]]).all()
+    assert (pos[last["train"]] < tail_start[last["train"]] - stack.gap_).all()
+    for j, spec in enumerate(stack.base_specs_):
+        rounds = stack.base_params_[spec.name]["n_estimators"]
+        assert 1 <= rounds < 400  # stopped early on the tail
+        assert stack.bases_[j].booster.num_trees() == rounds  # the refit trains them
+        again = rows.fit(j, stack.base_params_[spec.name], last["train"], None)
+        expected = rows.predict(j, again, last["predict"])
+        got = stack.oof_predictions_[-last["predict"].size:, j]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
 
 
 def test_meta_weights_intercept_and_params_are_exposed():

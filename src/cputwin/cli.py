@@ -849,8 +849,8 @@ def watch(
     if as_json:
         _json(summary)
     else:
-        out.print(f"{summary['ticks']} ticks, {summary['alarms']} alarms"
-                  + (f", recorded to {summary['record']}" if summary["record"] else ""))
+        out.print(f"{summary.ticks} ticks, {summary.alarms} alarms"
+                  + (f", recorded to {summary.record}" if summary.record else ""))
 
 
 def detector_line(core: str, summary: DetectorSummary) -> str:

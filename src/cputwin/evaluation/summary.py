@@ -11,12 +11,13 @@ data with hosts), so each JSON shape keeps exactly the keys it always had.
     PerHost              one result per host, the failed hosts, the fleet's spread
     TrainResult          a fitted, saved twin (`train`)
     PredictResult        a twin's predictions written (`predict`)
+    WatchSummary         a live watch that ended (`watch`)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -256,3 +257,22 @@ class PerHost(Rendered):
     hosts: dict[str, Any]
     failed: dict[str, str]
     fleet: FleetScores | None = None
+
+
+@dataclass
+class WatchSummary(Rendered):
+    """A watch that ended: ticks seen, alarms raised (per core), where it was recorded
+    (null in the JSON when it was not) and whether Ctrl-C or SIGTERM stopped it."""
+
+    ticks: int = 0
+    alarms: int = 0
+    alarms_by_core: dict[str, int] = field(default_factory=dict)
+    record: str | None = None
+    interrupted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    def count(self, core: str) -> None:
+        self.alarms += 1
+        self.alarms_by_core[core] = self.alarms_by_core.get(core, 0) + 1

@@ -143,9 +143,12 @@ class Detector:
                            segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores of the calibration rows, each unbroken stretch scored from a fresh
         state, and where each stretch starts."""
-        scores = np.concatenate([self._scores(residuals[segments == s], workloads[segments == s])
-                                 for s in np.unique(segments)])
-        return scores, np.concatenate([[True], segments[1:] != segments[:-1]])
+        bounds = np.concatenate([[True], segments[1:] != segments[:-1]])
+        if self.settings.smoother != "median":
+            cuts = np.flatnonzero(bounds)[1:]
+            return np.concatenate([self._scores(r, w) for r, w in zip(
+                np.split(residuals, cuts), np.split(workloads, cuts), strict=True)]), bounds
+        return rolling_median(self.zs(residuals, workloads), bounds, self.window_ticks), bounds
 
     def threshold_for(self, scores: np.ndarray, bounds: np.ndarray,
                       hours: float) -> tuple[float, dict[str, Any]]:
@@ -213,9 +216,23 @@ class Detector:
         return abs(value) if self.settings.two_sided else value
 
     def _scores(self, residuals: np.ndarray, workloads: np.ndarray) -> np.ndarray:
-        state = DetectorState(self)
-        return np.array([state.smooth(self.z(r, w)) for r, w in zip(residuals, workloads,
-                                                                     strict=True)])
+        """The scores a stream would give these rows tick by tick (`DetectorState`), for a
+        whole unbroken stretch at once."""
+        if self.settings.smoother != "median":
+            state = DetectorState(self)
+            return np.array([state.smooth(self.z(r, w)) for r, w in zip(residuals, workloads,
+                                                                         strict=True)])
+        return rolling_median(self.zs(residuals, workloads), np.arange(residuals.size) == 0,
+                              self.window_ticks)
+
+    def zs(self, residuals: np.ndarray, workloads: np.ndarray) -> np.ndarray:
+        """`z` of many rows."""
+        keys = np.where(np.isin(workloads, list(self.scale)), workloads, GLOBAL)
+        names, index = np.unique(keys, return_inverse=True)
+        centre = np.array([self.centre[str(n)] for n in names])[index]
+        scale = np.array([self.scale[str(n)] for n in names])[index]
+        value = (np.asarray(residuals, float) - centre) / scale
+        return np.abs(value) if self.settings.two_sided else value
 
     def stream(self) -> DetectorState:
         return DetectorState(self)
@@ -277,9 +294,10 @@ def _lowest_threshold(scores: np.ndarray, levels: np.ndarray, bounds: np.ndarray
     if candidates.size == 0:
         return float(scores.max() + 1.0)
 
+    replay = AlarmReplay(scores, bounds, raise_ticks, clear_ticks)
+
     def meets(t: float) -> bool:
-        raised = count_raises(scores, bounds, t, raise_ticks, clear_ticks, clear_level)
-        return raised / hours <= rate
+        return replay.raises(t, clear_level) / hours <= rate
 
     low, high = 0, candidates.size - 1
     while low < high:
@@ -328,12 +346,63 @@ class Hysteresis:
 def count_raises(scores: np.ndarray, segment_starts: np.ndarray, threshold: float,
                  raise_ticks: int, clear_ticks: int, clear_level: float = 1.0) -> int:
     """How many alarms the hysteresis logic raises on these scores (fresh at each segment)."""
-    count, logic = 0, None
-    for s, start in zip(scores, segment_starts, strict=True):
-        if start or logic is None:
-            logic = Hysteresis(threshold, raise_ticks, clear_ticks, clear_level)
-        count += logic.step(s) == "raise"
-    return count
+    return AlarmReplay(scores, segment_starts, raise_ticks, clear_ticks).raises(
+        threshold, clear_level)
+
+
+class AlarmReplay:
+    """`Hysteresis` replayed over a whole array of scores, from one alarm to the next
+    rather than tick by tick, so that calibration can try many thresholds on millions of
+    rows: an alarm raises at the first tick ending `raise_ticks` scores above the
+    threshold, clears at the first tick ending `clear_ticks` scores below the clear level
+    (at least `clear_ticks` after the raise), and every segment starts afresh. Tests
+    compare it with stepping `Hysteresis`."""
+
+    def __init__(self, scores: np.ndarray, segment_starts: np.ndarray, raise_ticks: int,
+                 clear_ticks: int) -> None:
+        scores = np.asarray(scores, float)
+        self.raise_ticks, self.clear_ticks = raise_ticks, clear_ticks
+        self.lowest = np.nan_to_num(sustained(scores, segment_starts, raise_ticks), nan=-np.inf)
+        self.highest = np.nan_to_num(-sustained(-scores, segment_starts, clear_ticks),
+                                     nan=np.inf)
+        self.segments = np.flatnonzero(segment_starts)
+
+    def raises(self, threshold: float, clear_level: float = 1.0) -> int:
+        up = np.flatnonzero(self.lowest > threshold)
+        if up.size == 0:
+            return 0
+        down = np.flatnonzero(self.highest < threshold * clear_level)
+        count, earliest = 0, 0
+        while True:
+            i = np.searchsorted(up, earliest)
+            if i == up.size:
+                return count
+            raised = up[i]
+            count += 1
+            j = np.searchsorted(down, raised + self.clear_ticks)
+            cleared = down[j] if j < down.size else np.inf
+            k = np.searchsorted(self.segments, raised, side="right")
+            fresh = self.segments[k] if k < self.segments.size else np.inf
+            if fresh <= cleared:
+                earliest = fresh
+            elif np.isfinite(cleared):
+                earliest = cleared + self.raise_ticks
+            else:
+                return count
+
+
+def rolling_median(values: np.ndarray, segment_starts: np.ndarray, window: int) -> np.ndarray:
+    """The median of the last `window` values of each segment (fewer at its start): the
+    median smoother of `DetectorState`, for a whole array (tests compare the two)."""
+    segment = np.cumsum(segment_starts)
+    lagged = np.full((values.size, window), np.nan)
+    lagged[:, 0] = values
+    for lag in range(1, window):
+        lagged[lag:, lag] = np.where(segment[lag:] == segment[:-lag], values[:-lag], np.nan)
+    lagged.sort(axis=1)  # NaN last
+    n = window - np.isnan(lagged).sum(axis=1)
+    rows = np.arange(values.size)
+    return (lagged[rows, (n - 1) // 2] + lagged[rows, n // 2]) / 2
 
 
 def sustained(scores: np.ndarray, segment_starts: np.ndarray, k: int) -> np.ndarray:

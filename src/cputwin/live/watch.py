@@ -20,6 +20,7 @@ import psutil
 import pyarrow as pa
 
 from cputwin.errors import DataError
+from cputwin.evaluation.summary import WatchSummary
 from cputwin.live.alerts import AlertSender, tick_events
 from cputwin.live.detector import Detector
 from cputwin.live.stream import OnlineTwin, Tick
@@ -76,7 +77,7 @@ def watch(
     workload_pid: int | None = None,
     alerts: AlertSender | None = None,
     sampler: RowSampler | None = None,
-) -> dict[str, Any]:
+) -> WatchSummary:
     """Sample this machine until `seconds` pass or KeyboardInterrupt; returns a summary.
 
     workload_pid: the process (with its children) whose CPU use is the workload's, for a
@@ -94,20 +95,17 @@ def watch(
     recorder = Recorder(record, sampler, twin.targets if stack.machine_ else None) if record else None
     event_file = open(events, "a", encoding="utf-8") if events else None  # noqa: SIM115
     n_ticks = None if seconds is None else int(round(seconds * rate))
-    summary: dict[str, Any] = {"ticks": 0, "alarms": 0, "alarms_by_core": {}, "record": None,
-                               "interrupted": False}
+    summary = WatchSummary()
     last_flush = time.monotonic()
     try:
         for _ in ticks(rate, n_ticks):
             row = sampler.sample(workload)
             tick = stream.update(np.array([row[c] for c in cores]), row[OVERALL], workload,
                                  row[WORKLOAD_CPU])
-            summary["ticks"] += 1
+            summary.ticks += 1
             for core in tick.cores:
                 if core.event == "raise":
-                    summary["alarms"] += 1
-                    summary["alarms_by_core"][core.target] = (
-                        summary["alarms_by_core"].get(core.target, 0) + 1)
+                    summary.count(core.target)
                 if event_file and core.event:
                     event_file.write(json.dumps({
                         "event": core.event, "timestamp": row[TIMESTAMP], "target": core.target,
@@ -123,14 +121,14 @@ def watch(
                     last_flush = time.monotonic()
             on_tick(row, tick)
     except KeyboardInterrupt:
-        summary["interrupted"] = True
+        summary.interrupted = True
     finally:
         if alerts is not None:
             alerts.close()
         if event_file:
             event_file.close()
         if recorder:
-            summary["record"] = str(recorder.close({
+            summary.record = str(recorder.close({
                 "watch": True, "target": stack.target, "mode": stack.mode, "rate_hz": rate,
                 "workload": workload, "workload_pid": workload_pid}))
     return summary

@@ -200,7 +200,7 @@ class DaskRows:
                  for p, local in self._local(rows)]
         return np.concatenate(self.client.gather(parts))
 
-    def best_rounds(self, j, params, train, val, on_round) -> int:  # pragma: no cover
+    def fit_stopping(self, j, params, train, val, on_round):  # pragma: no cover
         raise ModelError("early stopping is not available on Dask")
 
     def release(self) -> None:

@@ -138,8 +138,10 @@ class TwinStack(RegressorMixin, BaseEstimator):
         cope better with little data.
     gap : samples between a fold's training rows and the rows it predicts; None means
         the longest history any feature set needs.
-    early_stopping_fraction : tail of each run's training period used once to choose
-        each LightGBM base's number of rounds (l1, patience 100); 0 keeps the set counts.
+    early_stopping_fraction : tail of each run's training period that the last fold
+        predicts; a base that stops early (the seed's sets) chooses its number of rounds
+        there, in that fold's own fit (l1, patience 100), and trains its other folds and
+        refit with them. 0 keeps the set counts.
     base_params : base name -> LightGBM parameters overriding the built-in ones.
     meta_model : "auto" (the default, as the CLI's: chosen by out-of-fold score), "ridge"
         (RidgeCV, the seed's; the CLI's choice for bases="seed"), "nnls", "best", "average",
@@ -237,10 +239,10 @@ class TwinStack(RegressorMixin, BaseEstimator):
         if not valid.any():
             raise ModelError("no training row has the history the feature sets need")
         names = [b.name for b in self.base_specs_]
-        stopping = [b for b in self.base_specs_ if b.early_stopping and b.learner == "lgbm"
+        stopping = [j for j, b in enumerate(self.base_specs_)
+                    if b.early_stopping and b.learner == "lgbm"
                     and self.early_stopping_fraction > 0 and rows.can_stop_early]
-        n_plan_max = self.n_folds + 1
-        steps = Steps(progress or _noop, len(self.base_specs_) * n_plan_max + len(stopping))
+        steps = Steps(progress or _noop, len(self.base_specs_) * (self.n_folds + 1))
         params = {b.name: params_for(b.name, {**b.params, **(self.base_params or {}).get(b.name, {})})
                   for b in self.base_specs_}
         budget = rows.threads(params) if hasattr(rows, "threads") else None
@@ -253,17 +255,25 @@ class TwinStack(RegressorMixin, BaseEstimator):
             return Task(key, spec.name, message, float(cost), run)
 
         every = np.flatnonzero(valid)
-        chosen = run_tasks(budget, params, steps, [
-            task(j, j, f"choosing rounds for {spec.name}", every,
-                 lambda p, on_round, j=j: self._rounds(rows, j, p, on_round))
-            for j, spec in enumerate(self.base_specs_) if spec in stopping])
-        for j, rounds in chosen.items():
+        self.fold_plan_ = plan = self._fold_plan(valid, rows.position, rows.n_in_run,
+                                                 tail=self.early_stopping_fraction if stopping else 0)
+        n_plan = len(plan)
+        last = n_plan - 1
+        if plan[last]["train"].size < 50 or plan[last]["predict"].size < 10:
+            stopping = []  # too few rows to choose rounds on: keep the set counts
+        blocks = np.concatenate([np.full(f["predict"].size, k) for k, f in enumerate(plan)])
+
+        # The last fold predicts each run's tail: a base that stops early stops there, in
+        # that fold's own fit, and its other folds and refit train the rounds it chose.
+        early = run_tasks(budget, params, steps, [
+            task((j, last), j, f"fold {n_plan}/{n_plan} of {self.base_specs_[j].name} "
+                               "(choosing its rounds)", plan[last]["train"],
+                 lambda p, on_round, j=j: rows.fit_stopping(j, p, plan[last]["train"],
+                                                            plan[last]["predict"], on_round))
+            for j in stopping])
+        for (j, _), (rounds, _) in early.items():
             params[self.base_specs_[j].name]["n_estimators"] = rounds
         self.base_params_ = params
-
-        self.fold_plan_ = plan = self._fold_plan(valid, rows.position, rows.n_in_run)
-        n_plan = len(plan)
-        blocks = np.concatenate([np.full(f["predict"].size, k) for k, f in enumerate(plan)])
 
         def fold(j: int, k: int) -> Callable[[dict[str, Any], Any], Any]:
             """Base j's predictions of fold k's block, or its refit on every row (k == n_plan)."""
@@ -276,7 +286,9 @@ class TwinStack(RegressorMixin, BaseEstimator):
             task((j, k), j, f"refitting {spec.name}" if k == n_plan else
                  f"fold {k + 1}/{n_plan} of {spec.name}",
                  every if k == n_plan else plan[k]["train"], fold(j, k))
-            for j, spec in enumerate(self.base_specs_) for k in range(n_plan + 1)])
+            for j, spec in enumerate(self.base_specs_) for k in range(n_plan + 1)
+            if (j, k) not in early])
+        done.update({key: predicted for key, (_, predicted) in early.items()})
         self.oof_index_ = oof_rows = np.concatenate([f["predict"] for f in plan])
         self.oof_predictions_ = oof = np.column_stack(
             [np.concatenate([done[(j, k)] for k in range(n_plan)]) for j in range(len(names))])
@@ -371,22 +383,20 @@ class TwinStack(RegressorMixin, BaseEstimator):
         return build_features(frame, base.features, target, self.workloads_,
                               dtype=FEATURE_DTYPES[self.feature_dtype], hosts=self.hosts_)
 
-    def _rounds(self, rows: TrainingRows, j: int, params: dict[str, Any], on_round) -> int:
-        """Boosting rounds chosen by l1 early stopping on the tail of each run's period."""
-        cut = np.floor(rows.n_in_run * (1 - self.early_stopping_fraction))
-        train = np.flatnonzero(rows.valid & (rows.position < cut - self.gap_))
-        val = np.flatnonzero(rows.valid & (rows.position >= cut))
-        if train.size < 50 or val.size < 10:
-            return int(params["n_estimators"])
-        return rows.best_rounds(j, params, train, val, on_round)
-
-    def _fold_plan(self, valid, position, n_in_run) -> list[dict[str, np.ndarray]]:
-        """Forward-chaining blocks per run: fold k predicts block k, trains on earlier rows."""
+    def _fold_plan(self, valid, position, n_in_run,
+                   tail: float = 0.0) -> list[dict[str, np.ndarray]]:
+        """Forward-chaining blocks per run: fold k predicts block k, trains on earlier rows.
+        With `tail`, the last block is that share of each run (where bases stop early) and
+        the others share out the rest evenly."""
         first = self.history_
         span = np.maximum(n_in_run - first, 0).astype(float)
         head = self.first_fold_fraction
-        edges = [first + np.ceil(span * (head + (1 - head) * k / self.n_folds))
-                 for k in range(self.n_folds + 1)]
+        if tail and 1 - tail > head and self.n_folds > 1:
+            shares = [head + (1 - tail - head) * k / (self.n_folds - 1)
+                      for k in range(self.n_folds)] + [1.0]
+        else:
+            shares = [head + (1 - head) * k / self.n_folds for k in range(self.n_folds + 1)]
+        edges = [first + np.ceil(span * share) for share in shares]
         plan = []
         for k in range(self.n_folds):
             predict = np.flatnonzero(valid & (position >= edges[k]) & (position < edges[k + 1]))
@@ -573,8 +583,8 @@ class TrainingRows(Protocol):
 
     def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray: ...
 
-    def best_rounds(self, j: int, params: dict[str, Any], train: np.ndarray, val: np.ndarray,
-                    on_round) -> int: ...
+    def fit_stopping(self, j: int, params: dict[str, Any], train: np.ndarray, val: np.ndarray,
+                     on_round) -> tuple[int, np.ndarray]: ...
 
 
 class LocalRows:
@@ -671,11 +681,15 @@ class LocalRows:
     def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray:
         return model.predict(self.mats[j].X[rows])
 
-    def best_rounds(self, j: int, params: dict[str, Any], train: np.ndarray, val: np.ndarray,
-                    on_round) -> int:
+    def fit_stopping(self, j: int, params: dict[str, Any], train: np.ndarray, val: np.ndarray,
+                     on_round) -> tuple[int, np.ndarray]:
+        """Base j trained on `train`, stopped early on `val`: the rounds it chose, and its
+        predictions of `val` at those rounds."""
         booster = train_lgbm(params, self.dataset(j, params, train), on_round,
                              valid_set=self.dataset(j, params, val))
-        return max(int(booster.best_iteration or params["n_estimators"]), 1)
+        rounds = max(int(booster.best_iteration or params["n_estimators"]), 1)
+        model = LightGBMModel(self.stack.base_specs_[j].name, self.mats[j].names, booster)
+        return rounds, self.predict(j, model, val)
 
 
 class PooledRows(LocalRows):
