@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -117,7 +118,20 @@ def test_a_signed_twin_predicts_with_its_key_and_without_one(twins, tmp_path, sa
     (["demo", "--out", "/proc/x"], "/proc/x"),
 ])
 def test_unwritable_outputs_fail_in_one_line_before_the_work(twins, tmp_path, sample_data, args,
-                                                             fragment):
+                                                             fragment, monkeypatch):
+    import importlib
+
+    from cputwin import pipeline
+    from cputwin.telemetry.collector import Collector
+
+    def started(*_, **__):
+        raise AssertionError("the work started before the output was checked")
+
+    # the work itself fails loudly (exit 1): an output checked only after it (a fit, a
+    # recording) would not be the one line and exit 2 asserted below
+    for owner, name in ((pipeline, "load_runs"), (pipeline, "run_each"), (Collector, "record"),
+                        (importlib.import_module("cputwin.live.watch"), "watch")):
+        monkeypatch.setattr(owner, name, started)
     fill = {"twin": twins[0], "sample": sample_data, "dir": tmp_path}
     one_error_line(run(*[a.format(**fill) for a in args]), fragment)
     assert not list(tmp_path.rglob("*.tmp"))
@@ -174,8 +188,12 @@ def test_a_full_disk_during_recover_is_one_line(tmp_path):
 @pytest.mark.parametrize(("args", "fragment"), [
     (["collect", "--seconds", "nan", "--out", "{tmp}"], "--seconds must be a finite number"),
     (["collect", "--seconds", "inf", "--out", "{tmp}"], "--seconds must be a finite number"),
+    (["collect", "--seconds", "0", "--out", "{tmp}"], "--seconds must be a finite number"),
+    (["collect", "--seconds", "-1", "--out", "{tmp}"], "--seconds must be a finite number"),
     (["watch", "{twin}", "--rate", "0"], "--rate must be a finite number above 0"),
+    (["watch", "{twin}", "--rate", "101"], "above 0 and at most 100, got 101"),
     (["watch", "{twin}", "--seconds", "nan"], "--seconds must be a finite number"),
+    (["demo", "--seconds", "nan", "--out", "{tmp}"], "--seconds must be a finite number"),
     (["evaluate", "{sample}", "--dask", "nope"], "cannot reach the Dask scheduler at 'nope'"),
 ])
 def test_impossible_values_are_one_line(twins, tmp_path, sample_data, args, fragment):
@@ -275,6 +293,16 @@ def test_whatever_the_model_check_accepts_lightgbm_loads_without_dying(twins, tm
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "survived" in done.stdout, (done.returncode,
                                                                 done.stderr[-2000:])
+
+
+# ---------------------------------------------------------- item 13: regular files only
+@pytest.mark.parametrize("command", ["predict", "evaluate", "train"])
+def test_a_fifo_named_like_a_run_is_one_line_not_a_hang(twins, tmp_path, command):
+    fifo = tmp_path / "run.parquet"
+    os.mkfifo(fifo)  # opening it to read would block until a writer comes: forever
+    args = {"predict": [twins[0], fifo, "-o", tmp_path / "p.parquet"], "evaluate": [fifo],
+            "train": [fifo, "-o", tmp_path / "t.cputwin"]}[command]
+    one_error_line(cputwin(command, *args, timeout=60), f"{fifo}: not a regular file")
 
 
 # ------------------------------------------------------------ item 12: --protocol both
