@@ -531,3 +531,39 @@ def test_a_token_guards_every_route_but_healthz(seed_twin):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+def _bench_serve():
+    """bench/serve.py by path (bench/ on sys.path would shadow dask with bench/dask.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+@pytest.mark.parametrize("saturated", [False, True])
+def test_the_serve_bench_names_its_load_generator_and_refuses_a_saturated_clients_figure(
+        monkeypatch, capsys, saturated, as_json):
+    bench = _bench_serve()
+    measured = {"requests": 24_000, "seconds": 24.0, "updates_per_s": 987.0, "p50_ms": 1.9,
+                "p99_ms": 4.2, "errors": 0, "client": "httpx", "client_cpu": 0.97 if saturated
+                else 0.4, "saturated": saturated, "server_cpu": 0.6, "concurrency": 2,
+                "bases": "seed", "target": "cpu_util_core_0", "cores": 2, "watched_cores": 1}
+    monkeypatch.setattr(bench, "run", lambda *_, **__: dict(measured))
+    monkeypatch.setattr(sys, "argv", ["serve.py", *(["--json"] if as_json else [])])
+    bench.main()
+    out = capsys.readouterr().out
+    if as_json:
+        got = json.loads(out)
+        assert got["client"] == "httpx" and got["saturated"] is saturated
+        figures = [got[k] for k in ("updates_per_s", "p50_ms", "p99_ms")]
+        assert figures == ([None] * 3 if saturated else [987.0, 1.9, 4.2])
+    else:
+        assert "client httpx" in out
+        assert ("no server figure" in out) is saturated
+        assert ("987" in out) is not saturated  # the client's own rate is never shown as the server's
