@@ -457,7 +457,8 @@ def _stalled_client(url: str):
     """A connection that sent half a request body and then nothing."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as stalled:
-        stalled.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        stalled.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Type: application/json"
                         b"\r\nContent-Length: 1000\r\n\r\n{\"rows\": [")
         time.sleep(0.3)
         yield
@@ -531,6 +532,37 @@ def test_a_token_guards_every_route_but_healthz(seed_twin):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+def test_on_loopback_only_loopback_names_and_allowed_hosts_are_answered(seed_twin):
+    # A page on evil.example whose name is rebound to 127.0.0.1 reaches the server with
+    # "Host: evil.example": refused. A reverse proxy's own name is allowed by option.
+    proc, url = _cli_server(seed_twin, "--allowed-host", "twin.internal")
+    port = url.rsplit(":", 1)[1]
+    try:
+        for name, status in (("evil.example", 400), (f"evil.example:{port}", 400),
+                             (f"localhost:{port}", 200), (f"127.0.0.1:{port}", 200),
+                             (f"[::1]:{port}", 200), ("twin.internal", 200),
+                             ("TWIN.internal:443", 200)):
+            answer = httpx.get(f"{url}/metrics", headers={"host": name})
+            assert answer.status_code == status, (name, answer.text)
+        refused = httpx.post(f"{url}/v1/predict", json={"rows": [_sample(1.0)]},
+                             headers={"host": "evil.example"})
+        assert refused.status_code == 400 and "--allowed-host" in refused.json()["detail"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+def test_allowed_hosts_follow_the_bound_address():
+    from cputwin.live.serve import allowed_hosts, host_name
+
+    assert set(allowed_hosts("127.0.0.1", [])) >= {"localhost", "127.0.0.1", "::1"}
+    assert "proxy" in allowed_hosts("::1", ["proxy"])
+    assert allowed_hosts("0.0.0.0", []) is None  # public: the token guards it
+    assert allowed_hosts("0.0.0.0", ["twin.example"]) == ["twin.example"]
+    assert [host_name(h) for h in (b"[::1]:80", b"Example.COM:8000", b"", b"::1")] == [
+        "::1", "example.com", "", "::1"]
 
 
 def _bench_serve():

@@ -903,6 +903,10 @@ def serve(
         help="Require 'Authorization: Bearer TOKEN' on every route but /healthz.")] = None,
     alert_webhook: AlertWebhookOpt = None,
     sign_key: SignKeyOpt = None,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        metavar="NAME", help="A name clients may reach the server by (the Host header), "
+        "repeatable; bound to loopback, localhost, 127.0.0.1 and ::1 are always allowed; "
+        "bound elsewhere without it, any name is.")] = None,
 ) -> None:
     """Serve the twin over HTTP: /v1/predict, /v1/streams/{id}/samples, /healthz, /metrics
     (see docs/serve.md)."""
@@ -914,7 +918,8 @@ def serve(
 
         open_twin(twin, sign_key)  # a bad file fails here, in one line, before the server starts
         app_ = service.create_app(twin, max_streams, stream_ttl, max_body, token or None,
-                                  _webhook(alert_webhook), sign_key)
+                                  _webhook(alert_webhook), sign_key,
+                                  service.allowed_hosts(host, allowed_host or []))
         sock = service.bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     err.print(f"serving {twin} on http://{shown}:{port} (Ctrl-C to stop)", highlight=False,

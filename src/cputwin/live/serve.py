@@ -27,6 +27,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,17 +374,42 @@ def _is_json(content_type: bytes | None) -> bool:
     return main in JSON_TYPES or (main.startswith(b"application/") and main.endswith(b"+json"))
 
 
-class Guard:
-    """Pure ASGI middleware: bearer token (401), JSON bodies only (415), body limit (413),
-    and every request counted and timed, a 500 included.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
+
+def host_name(header: bytes | None) -> str:
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1"), lower case."""
+    value = (header or b"").decode("latin-1").strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def allowed_hosts(bound: str, names: Sequence[str]) -> list[str] | None:
+    """The Host names a server bound to `bound` answers to: on loopback, the loopback names
+    and `names` (a browser page cannot rebind its own name onto this server); elsewhere
+    `names`, or any name when none is given (a token guards a public server)."""
+    if host_name(bound.encode()) in LOOPBACK_NAMES or bound.startswith("127."):
+        return [*LOOPBACK_NAMES, bound, *names]
+    return list(names) or None
+
+
+class Guard:
+    """Pure ASGI middleware: Host header (400), bearer token (401), JSON bodies only (415),
+    body limit (413), and every request counted and timed, a 500 included.
+
+    The Host check refuses a page whose own name resolves to this address (DNS
+    rebinding): a browser sends that name, never one of `allowed_hosts`.
     Starlette's BaseHTTPMiddleware costs a task and a queue per request; this does not."""
 
     OPEN_PATHS = frozenset({"/healthz"})
 
-    def __init__(self, app, max_body_bytes: int, token: str | None = None) -> None:
+    def __init__(self, app, max_body_bytes: int, token: str | None = None,
+                 allowed_hosts: Sequence[str] | None = None) -> None:
         self.app, self.max_body_bytes = app, max_body_bytes
         self.expected = f"Bearer {token}".encode() if token else None
+        self.allowed = None if allowed_hosts is None else frozenset(
+            host_name(h.encode()) for h in allowed_hosts)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -421,6 +447,9 @@ class Guard:
                                                time.perf_counter() - start)
 
     def _check(self, scope, headers: dict[bytes, bytes], size: bytes | None) -> None:
+        if self.allowed is not None and host_name(headers.get(b"host")) not in self.allowed:
+            raise _Refuse(400, f"Host {host_name(headers.get(b'host'))!r} is not a name this "
+                               "server answers to (serve --allowed-host adds one)")
         if self.expected is not None and scope["path"] not in self.OPEN_PATHS and not \
                 hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
             raise _Refuse(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
@@ -592,12 +621,13 @@ def _document(app: FastAPI, described: list[APIRoute]) -> None:
 
 def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 300.0,
                max_body_bytes: int = 1_000_000, token: str | None = None,
-               alert_webhook: str | None = None, sign_key: str | bytes | None = None
-               ) -> FastAPI:
+               alert_webhook: str | None = None, sign_key: str | bytes | None = None,
+               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The service for one twin file.
 
     sign_key: the key the twin must be signed with (HMAC-SHA256), checked at start-up.
     token: clients must send `Authorization: Bearer <token>` (all but /healthz).
+    allowed_hosts: the names requests may carry in their Host header (None: any).
     alert_webhook: URL that receives each alarm raise/clear (Alertmanager JSON)."""
     from cputwin.live.stream import OnlineTwin
     from cputwin.live.twin import open_twin
@@ -629,7 +659,8 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
     app = FastAPI(title="cputwin", summary="A digital twin of a machine's CPU cores",
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.token = token
-    app.add_middleware(Guard, max_body_bytes=max_body_bytes, token=token)
+    app.add_middleware(Guard, max_body_bytes=max_body_bytes, token=token,
+                       allowed_hosts=allowed_hosts)
 
     @app.exception_handler(CputwinError)
     async def cputwin_error(request: Request, exc: CputwinError) -> JSONResponse:
