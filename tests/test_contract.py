@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from cputwin import TwinStack
+from cputwin.contract import ContractError, InputContract
 from cputwin.errors import DataError
 from cputwin.features import build_features, get_spec
-from cputwin.models.contract import ContractError, InputContract
 
 
 def contract(**changes) -> InputContract:

@@ -7,11 +7,11 @@ import polars as pl
 import pytest
 
 from cputwin import TwinStack
+from cputwin.contract import ContractError
 from cputwin.errors import ModelError
 from cputwin.features import BUILTIN_SPECS, build_features
 from cputwin.features.spec import TARGET_CARRYING
 from cputwin.models.base import BUILTIN_BASES, BaseSpec
-from cputwin.models.contract import ContractError
 from cputwin.models.meta import (
     GLOBAL,
     META_KINDS,

@@ -9,9 +9,9 @@ from sklearn.base import clone
 
 from conftest import FAST
 from cputwin import TwinStack
+from cputwin.contract import ContractError
 from cputwin.errors import ModelError
 from cputwin.models.base import fit_lgbm
-from cputwin.models.contract import ContractError
 from cputwin.models.stack import LocalRows
 from helpers import synthetic_run
 

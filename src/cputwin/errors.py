@@ -2,7 +2,7 @@
 
     CputwinError                 base: the CLI catches it once, prints one line, exits 2
     ├── DataError                telemetry that cannot be used (file, column, value problems)
-    │   └── ContractError        input a twin cannot take (models/contract.py checks it)
+    │   └── ContractError        input a twin cannot take (contract.py checks it)
     ├── FeatureError             a feature spec that cannot be built for the given data
     ├── ModelError               a model used before fit, or fed a frame it was not trained for
     │   └── NotFittedError       used before fit (also scikit-learn's NotFittedError)

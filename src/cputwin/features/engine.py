@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from cputwin.errors import ContractError
+from cputwin.contract import require_workload_cpu
 from cputwin.features.spec import FeatureSpec
 from cputwin.telemetry.ingest import DataWarning, schema_of
 from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD, WORKLOAD_CPU
@@ -249,12 +249,8 @@ def workload_cpu_column(frame: pl.DataFrame, reader: str) -> pl.Series:
     """
     column = (frame[WORKLOAD_CPU].cast(pl.Float64).fill_nan(None)
               if WORKLOAD_CPU in frame.columns else None)
-    if column is None or (frame.height and column.null_count() == frame.height):
-        raise ContractError(
-            f"{reader} reads {WORKLOAD_CPU!r} (the labelled workload's own "
-            "CPU use, recorded by `cputwin collect`), which this data does not have; "
-            "the seed's data has none"
-        )
+    require_workload_cpu(column is not None and not (frame.height and
+                                                     column.null_count() == frame.height), reader)
     return column
 
 

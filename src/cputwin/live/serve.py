@@ -48,9 +48,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match, Route
 
+from cputwin.contract import InputContract
 from cputwin.errors import CputwinError
 from cputwin.live.alerts import AlertSender, tick_events
-from cputwin.models.contract import InputContract
 from cputwin.telemetry.ingest import check_run
 from cputwin.telemetry.schema import (
     HOST,

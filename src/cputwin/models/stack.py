@@ -24,6 +24,7 @@ import polars as pl
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.metrics import r2_score
 
+from cputwin.contract import InputContract
 from cputwin.errors import ModelError, NotFittedError
 from cputwin.features import FeatureMatrix, build_features
 from cputwin.features.spec import MODES
@@ -38,7 +39,6 @@ from cputwin.models.base import (
     resolve_bases,
     train_lgbm,
 )
-from cputwin.models.contract import InputContract
 from cputwin.models.meta import META_KINDS, LinearMeta, choose_meta, fit_meta
 from cputwin.telemetry.ingest import DataWarning, sample_step, schema_of
 from cputwin.telemetry.schema import HOST, RUN_COLUMN, WORKLOAD, Schema
@@ -344,7 +344,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
 
     @property
     def contract_(self) -> InputContract:
-        """What this twin may be given (`models/contract.py`)."""
+        """What this twin may be given (`cputwin/contract.py`)."""
         self._check_fitted()
         return InputContract.of(self)
 

@@ -6,10 +6,10 @@ use, whether it moves between machines, and its sample interval. Batch predictio
 online twin, `watch` and `serve` check their input here and nowhere else; a breach is a
 `ContractError`, whose message says what is wrong with the data, not which flag to use.
 
-Before a contract exists (at fit) the same rules are checked by the layer that owns the
-data, with the same exception: the target is a core of the data (`Schema.check_target`),
-a feature set that reads the workload's own CPU use is given data that has it
-(`features.engine.workload_cpu_column`).
+Before a contract exists (at fit) the data is checked by the same rules: the target is a
+core of the data (`Schema.check_target`, where the schema lives) and a feature set that
+reads the workload's own CPU use is given data that has it (`require_workload_cpu`, called
+by the feature engine). The module sits beside `errors` so that every layer can use it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ import numpy as np
 from cputwin.errors import ContractError
 from cputwin.telemetry.schema import WORKLOAD_CPU, Schema
 
-__all__ = ["ContractError", "InputContract"]
+__all__ = ["ContractError", "InputContract", "require_workload_cpu"]
+
+
+def require_workload_cpu(available: bool, reader: str) -> None:
+    """At fit, before any contract: `reader` (a feature set) reads the workload's own CPU
+    use, so the data must have some."""
+    if not available:
+        raise ContractError(
+            f"{reader} reads {WORKLOAD_CPU!r} (the labelled workload's own CPU use, recorded "
+            "by `cputwin collect`), which this data does not have; the seed's data has none")
 
 
 @dataclass(frozen=True)
