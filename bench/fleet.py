@@ -12,11 +12,13 @@ of 15 rows, too short to stack). Then runs, in a fresh child process each (the C
 itself), `cputwin train HOSTS/*/*.parquet --per-host -o OUT --bases B --max-rounds N
 --json`: sequential (one process), jobs2 (`-j 2`) and dask2 (`--dask local:2`, a
 LocalCluster of two one-thread workers started inside the command, its start-up
-included). Reports wall seconds, seconds and hosts per hour, peak RSS of the whole process
-tree (sampled every 0.1 s, summed over processes) and failed hosts, each the median of
-`--repeat` interleaved runs, and each mode's speed-up over sequential measured in the
-same run. Default bases are the fast pair (a ridge line and one LightGBM base, at most
-100 rounds): a K=100 fleet in minutes on two cores.
+included). Reports wall seconds, seconds and hosts per hour, CPU seconds (user + system
+of the command and every process it started and waited for) and CPU per wall second (how
+many cores the mode kept busy), peak RSS of the whole process tree (sampled every 0.1 s,
+summed over processes), failed hosts and the 1-minute load average before the run (other
+users' load), each the median of `--repeat` interleaved runs, and each mode's speed-up
+over sequential measured in the same run. Default bases are the fast pair (a ridge line
+and one LightGBM base, at most 100 rounds): a K=100 fleet in minutes on two cores.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -114,7 +118,9 @@ def measure(mode: str, hosts: Path, out: Path, bases: str, max_rounds: int) -> d
            "--per-host", "-o", str(out), "--bases", bases, "--max-rounds", str(max_rounds),
            "--json", *MODES[mode]]
     # output to files, not pipes: a fleet's warnings would fill a pipe nobody reads
+    load = os.getloadavg()[0]
     with open(out.with_suffix(".out"), "w+") as fout, open(out.with_suffix(".err"), "w+") as ferr:
+        used = _children_cpu()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fout, stderr=ferr, text=True)
         watched = psutil.Process(proc.pid)
@@ -123,14 +129,23 @@ def measure(mode: str, hosts: Path, out: Path, bases: str, max_rounds: int) -> d
             peak = max(peak, _tree_rss(watched))
             time.sleep(0.1)
         seconds = time.perf_counter() - start
+        cpu = _children_cpu() - used
         fout.seek(0)
         ferr.seek(0)
         stdout, stderr = fout.read(), ferr.read()
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{mode}: cputwin train failed ({proc.returncode}): {stderr[-500:]}")
     result = json.loads(stdout)
-    return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "failed": len(result["failed"]),
-            "trained": len(result["hosts"]), "exit_code": proc.returncode}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak / 2**20,
+            "failed": len(result["failed"]), "trained": len(result["hosts"]),
+            "exit_code": proc.returncode, "load_before": load}
+
+
+def _children_cpu() -> float:
+    """User + system seconds of every child process waited for so far (a child's own
+    waited-for children included: a pool's or a LocalCluster's workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -156,9 +171,13 @@ def run(k: int, modes: list[str], repeat: int, bases: str, max_rounds: int) -> t
     points = []
     for mode, runs in got.items():
         seconds = median(x["seconds"] for x in runs)
+        cpu = median(x["cpu_seconds"] for x in runs)
         points.append({"hosts": k, "mode": mode, "seconds": round(seconds, 2),
                        "seconds_per_host": round(seconds / k, 3),
                        "hosts_per_hour": round(3600 * k / seconds),
+                       "cpu_seconds": round(cpu, 1),
+                       "cpu_per_wall": round(median(x["cpu_seconds"] / x["seconds"] for x in runs), 2),
+                       "load_before": round(max(x["load_before"] for x in runs), 2),
                        "peak_rss_mb": round(median(x["peak_rss_mb"] for x in runs)),
                        "failed": max(x["failed"] for x in runs),
                        "trained": min(x["trained"] for x in runs)})
@@ -194,12 +213,13 @@ def main() -> None:
         return
     print(f"bases {args.bases}, at most {args.max_rounds} rounds, median of {args.repeat}, "
           f"{out['cpus']} CPUs")
-    print(f"{'hosts':>6} {'mode':<11}{'seconds':>9}{'s/host':>8}{'hosts/h':>9}{'peak MB':>9}"
-          f"{'failed':>7}{'speed-up':>9}")
+    print(f"{'hosts':>6} {'mode':<11}{'seconds':>9}{'s/host':>8}{'hosts/h':>9}{'CPU s':>8}"
+          f"{'CPU/wall':>9}{'peak MB':>9}{'failed':>7}{'speed-up':>9}{'load':>6}")
     for p in points:
         print(f"{p['hosts']:>6} {p['mode']:<11}{p['seconds']:>9.1f}{p['seconds_per_host']:>8.2f}"
-              f"{p['hosts_per_hour']:>9}{p['peak_rss_mb']:>9}{p['failed']:>7}"
-              f"{p.get('speedup', float('nan')):>9.2f}")
+              f"{p['hosts_per_hour']:>9}{p['cpu_seconds']:>8.1f}{p['cpu_per_wall']:>9.2f}"
+              f"{p['peak_rss_mb']:>9}{p['failed']:>7}{p.get('speedup', float('nan')):>9.2f}"
+              f"{p['load_before']:>6.2f}")
     for k, kinds in fleets.items():
         print(f"fleet of {k}: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
 

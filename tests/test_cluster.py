@@ -40,6 +40,21 @@ def client():
         yield c
 
 
+def _pools() -> dict[str, int]:
+    """In a worker: its Polars, BLAS (numpy's) and OpenMP (LightGBM's) pool sizes."""
+    import lightgbm  # noqa: F401 (loads OpenMP)
+    import polars
+    from threadpoolctl import threadpool_info
+
+    return {"polars": polars.thread_pool_size(),
+            **{i["user_api"]: i["num_threads"] for i in threadpool_info()}}
+
+
+def test_local_workers_run_every_library_on_one_thread(client):
+    for pools in client.run(_pools).values():
+        assert pools == {"polars": 1, "blas": 1, "openmp": 1}
+
+
 def test_dask_twin_scores_within_0_01_of_one_machine(sample_frame, client):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

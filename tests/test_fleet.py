@@ -5,6 +5,7 @@ train. Hosts are made from the embedded sample (real recorded runs)."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import polars as pl
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from cputwin.cli import app
 from cputwin.evaluation.summary import Headline, TargetsSummary
+from cputwin.models.cluster import THREAD_VARIABLES, run_each
 from cputwin.pipeline import fleet_scores
 
 runner = CliRunner()
@@ -112,3 +114,22 @@ def test_fleet_scores_name_the_worst_hosts():
     assert [w.host for w in got.worst] == ["b", "c"]
     assert got.hosts == 4 and got.failed == 1
     assert got.to_dict()["worst"] == [{"host": "b", "r2": 0.5}, {"host": "c", "r2": 0.8}]
+
+
+def _thread_pools(threads: int | None = None) -> tuple:
+    """In a worker: the threads it was given, and the sizes of its libraries' pools."""
+    import polars
+    from threadpoolctl import threadpool_info
+
+    return threads, polars.thread_pool_size(), {i["user_api"]: i["num_threads"]
+                                                for i in threadpool_info()}
+
+
+def test_jobs_workers_share_the_cores_out():
+    before = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    got = run_each(_thread_pools, {"a": (), "b": ()}, jobs=2)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    for threads, polars_pool, pools in got.values():
+        assert threads == polars_pool == share
+        assert pools["blas"] == pools["openmp"] == share  # numpy's BLAS, LightGBM's OpenMP
+    assert {k: os.environ.get(k) for k in THREAD_VARIABLES} == before

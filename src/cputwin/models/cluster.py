@@ -38,6 +38,9 @@ from cputwin.models.stack import FEATURE_DTYPES, Progress, TwinStack
 from cputwin.telemetry.schema import RUN_COLUMN
 
 ROWS_PER_PARTITION = 250_000
+# The thread pools a task's libraries start: OpenMP (LightGBM), BLAS (the ridge bases), Polars
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "POLARS_MAX_THREADS")
 
 
 @contextmanager
@@ -56,8 +59,13 @@ def connect(address: str) -> Iterator[Any]:
             n = 0
         if n < 1:
             raise CputwinError(f"--dask local:N needs a worker count N >= 1, got {address!r}")
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+        import dask
+
+        # Dask caps OpenMP and BLAS in its workers to one thread, not Polars: cap all
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": 1
+                              for k in THREAD_VARIABLES}), \
+                LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                             dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             # LightGBM's network set-up prints to the worker's stdout, which a local
             # worker shares with us: send it to stderr, so `--json` stays one object.
@@ -236,12 +244,30 @@ def run_each(task: Callable[..., Any], calls: dict[str, tuple], jobs: int = 1,
                 results[key] = exc
             report(key, n, len(calls))
         return results
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     # spawn: a fresh interpreter per worker, never a fork of a process with OpenMP threads
-    with ProcessPoolExecutor(max_workers=min(jobs, max(len(calls), 1)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
+    with thread_caps(threads), \
+            ProcessPoolExecutor(max_workers=min(jobs, max(len(calls), 1)),
+                                mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(task, *args, threads=threads): key for key, args in calls.items()}
         return _collect(futures, as_completed, report)
+
+
+@contextmanager
+def thread_caps(threads: int) -> Iterator[None]:
+    """Processes started inside see `threads` as every library's thread count (read once,
+    when a library loads): N processes side by side then share the cores instead of each
+    starting a pool as large as the machine, whose threads wait on each other's."""
+    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    os.environ.update({k: str(threads) for k in THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _collect(futures: dict[Any, str], completed: Callable, report: Done) -> dict[str, Any]:
