@@ -92,6 +92,7 @@ from cputwin.telemetry.workloads import WORKLOADS
 WARMUP_S = 4.0  # the collector's start and the twin's feature history (3 s), then 1 s of scores
 GAP_S = 5.0  # normal operation between injections: the alarm clears, the lags refill
 END_S = 1.5
+TURN_S = 30.0  # an unlabelled recording's workloads take turns this long (node_exporter)
 PERIOD_S = 0.05  # the partial-duty loops' period
 # kind: (share of each period busy, shortest and longest length in s, on the target core?)
 KIND_SPECS = {
@@ -218,24 +219,28 @@ def record_unlabelled(folder: Path, seconds: float, url: str, rate: float,
                       plan: list[dict] | None = None,
                       names: list[str] | None = None) -> list[Event]:
     """What an operator's exporter gives: one unlabelled run of this machine scraped from
-    its node_exporter at `rate`, while the built-in workloads (or `names`) take turns
-    (`seconds` each) and, with `plan`, hidden loads run."""
+    its node_exporter at `rate`, while the built-in workloads (or `names`) take turns of
+    TURN_S (`seconds` each in all) and, with `plan`, hidden loads run. Turns, not one
+    stretch per workload: any stretch of a host's history holds each of its behaviours,
+    so the twin's earliest folds see every workload, as hours of an exporter's data do."""
     names = names or list(WORKLOADS)
     from cputwin.telemetry.prometheus import NodeExporterSampler
     from cputwin.telemetry.workloads import WorkloadProcess
 
     events: list[Event] = []
     stop = threading.Event()
+    turns = max(1, round(seconds / TURN_S))
 
     def workloads() -> None:
-        for name in names:
-            proc = WorkloadProcess(WORKLOADS[name])
-            proc.start()
-            try:
-                if stop.wait(seconds):
-                    return
-            finally:
-                proc.stop()
+        for _ in range(turns):
+            for name in names:
+                proc = WorkloadProcess(WORKLOADS[name])
+                proc.start()
+                try:
+                    if stop.wait(seconds / turns):
+                        return
+                finally:
+                    proc.stop()
 
     threads = [threading.Thread(target=workloads, daemon=True)]
     if plan is not None:
@@ -315,8 +320,9 @@ def record(root: Path, seed: int, settings: dict, say) -> None:
         say(f"recording {root.name}: injected runs ({sum(map(len, plans))} hidden loads)")
         events = record_set(root / "inject", settings["seconds"], plans, names)
     (root / "events.json").write_text(json.dumps([asdict(e) for e in events], indent=1))
+    turns = {"turn_s": TURN_S} if settings.get("source") == "node_exporter" else {}
     (root / "recording.json").write_text(json.dumps(
-        {"seed": seed, **settings, "instrument": instrument()}, indent=1))
+        {"seed": seed, **settings, **turns, "instrument": instrument()}, indent=1))
 
 
 def instrument() -> dict:
