@@ -383,12 +383,7 @@ class AlarmReplay:
             cleared = down[j] if j < down.size else np.inf
             k = np.searchsorted(self.segments, raised, side="right")
             fresh = self.segments[k] if k < self.segments.size else np.inf
-            if fresh <= cleared:
-                earliest = fresh
-            elif np.isfinite(cleared):
-                earliest = cleared + self.raise_ticks
-            else:
-                return count
+            earliest = fresh if fresh <= cleared else cleared + self.raise_ticks
 
 
 def rolling_median(values: np.ndarray, segment_starts: np.ndarray, window: int) -> np.ndarray:
