@@ -16,7 +16,13 @@ import pytest
 
 from cputwin import load_runs
 from cputwin.errors import DataError, WorkloadError
-from cputwin.telemetry.collector import Collector, ProcessMeter, read_metadata, recover_parts
+from cputwin.telemetry.collector import (
+    Collector,
+    ProcessMeter,
+    Sampler,
+    read_metadata,
+    recover_parts,
+)
 from cputwin.telemetry.schema import Schema
 
 
@@ -57,6 +63,31 @@ def test_schema_and_label(short_run):
     assert meta["logical_cores"] == cores and meta["rate_hz"] == 10
     assert meta["workload_exit_status"] == 0 and meta["host"]
     assert not list(short_run.path.parent.glob("*.parts"))
+
+
+def test_overall_is_the_cores_over_the_same_interval_on_a_busy_machine():
+    """Overall and per-core come from one read of the counters: a machine kept busy (which
+    delays a second read by a variable amount) cannot pull them apart."""
+    bursty = ("import random, time\n"
+              "while True:\n"
+              "    end = time.time() + random.uniform(0.001, 0.03)\n"
+              "    while time.time() < end: pass\n"
+              "    time.sleep(random.uniform(0.001, 0.03))")
+    busy = [subprocess.Popen([sys.executable, "-c", bursty])
+            for _ in range((os.cpu_count() or 1) + 1)]
+    try:
+        sampler = Sampler()
+        gaps = []
+        for _ in range(40):
+            time.sleep(0.1)
+            row = sampler.sample("cpu_bound")
+            cores = [row[c] for c in sampler.schema.core_columns]
+            gaps.append(abs(row["cpu_util_overall"] - float(np.mean(cores))))
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert float(np.median(gaps)) <= 1.0, gaps
 
 
 def test_the_workload_cpu_use_is_its_own(short_run, tmp_path):

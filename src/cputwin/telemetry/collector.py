@@ -132,6 +132,37 @@ class ProcessMeter:
         return 100.0 * max(0.0, total - previous) / elapsed
 
 
+def _busy_and_total(times: Any) -> tuple[float, float]:
+    """psutil's own accounting: guest time is already inside user and nice, and iowait
+    counts as idle."""
+    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    return total - times.idle - getattr(times, "iowait", 0.0), total
+
+
+class CoreMeter:
+    """Overall and per-core utilisation since the last call, from ONE read of the per-core
+    counters: overall is the cores' summed time, so it is the mean of the cores over the
+    very same interval. Two reads (overall, then per core) cover intervals that drift
+    apart by the scheduling delay between them, which a busy machine makes large."""
+
+    def __init__(self) -> None:
+        self.last = self._read()
+
+    @staticmethod
+    def _read() -> list[tuple[float, float]]:
+        return [_busy_and_total(t) for t in psutil.cpu_times(percpu=True)]
+
+    def read(self) -> tuple[float, list[float]]:
+        current, previous = self._read(), self.last
+        self.last = current
+        deltas = [(max(0.0, b - pb), max(0.0, t - pt))
+                  for (b, t), (pb, pt) in zip(current, previous, strict=False)]
+        cores = [min(100.0, 100.0 * b / t) if t > 0 else 0.0 for b, t in deltas]
+        busy, total = sum(b for b, _ in deltas), sum(t for _, t in deltas)
+        overall = min(100.0, 100.0 * busy / total) if total > 0 else 0.0
+        return round(overall, 1), [round(c, 1) for c in cores]
+
+
 class Sampler:
     """One psutil sample per call: overall and per-core utilisation since the last call,
     and, given the workload's pid, the workload's own CPU use over the same interval."""
@@ -139,13 +170,11 @@ class Sampler:
     def __init__(self, workload_pid: int | None = None) -> None:
         self.schema = Schema(n_cores=psutil.cpu_count(logical=True) or 1)
         self.meter = ProcessMeter(workload_pid) if workload_pid else None
-        psutil.cpu_percent(interval=None)
-        psutil.cpu_percent(interval=None, percpu=True)
+        self.cpu = CoreMeter()
 
     def sample(self, workload: str) -> dict[str, Any]:
         now = time.time()
-        overall = psutil.cpu_percent(interval=None)
-        cores = psutil.cpu_percent(interval=None, percpu=True)
+        overall, cores = self.cpu.read()
         own = self.meter.read() if self.meter else None
         cur, lo, hi = _freq()
         row: dict[str, Any] = {TIMESTAMP: now, OVERALL: float(overall)}
