@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 
+import lightgbm as lgb
 import numpy as np
 import polars as pl
 import pytest
@@ -11,7 +12,7 @@ from conftest import FAST
 from cputwin import TwinStack
 from cputwin.contract import ContractError
 from cputwin.errors import ModelError
-from cputwin.models.base import fit_lgbm
+from cputwin.models.base import dataset_params, fit_lgbm, params_for, train_lgbm
 from cputwin.models.stack import LocalRows
 from helpers import synthetic_run
 
@@ -105,6 +106,49 @@ def test_early_stopping_chooses_the_rounds_in_the_last_folds_own_fit(sample_fram
         expected = rows.predict(j, again, last["predict"])
         got = stack.oof_predictions_[-last["predict"].size:, j]
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+
+
+def _trees(booster):
+    """A model's trees, without the parameters it was trained with (num_iterations)."""
+    return booster.model_to_string().split("\nparameters:")[0]
+
+
+@pytest.mark.parametrize("told_after", [12, 20])  # in the run, and at its last round
+def test_a_fit_told_its_rounds_while_it_runs_is_the_fit_of_those_rounds(told_after):
+    # A fold beside the fit that chooses its rounds runs on, capped, until told them;
+    # past them it keeps its first trees, which are the fit of exactly those rounds.
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(3000, 6))
+    y = X[:, 0] + np.sin(3 * X[:, 1]) + rng.normal(scale=0.3, size=3000)
+    params = params_for("v2.3", {"n_estimators": 20, "learning_rate": 0.3, "subsample_freq": 1,
+                                 "n_jobs": 1})
+    data = lgb.Dataset(X, y, params=dataset_params(params)).construct()
+    asked = []
+
+    def told(last: bool) -> int | None:
+        asked.append(last)
+        return 7 if len(asked) >= told_after else None
+
+    cut = train_lgbm(params, data.subset(np.arange(2500, dtype=np.int32)), stop=told)
+    exact = train_lgbm({**params, "n_estimators": 7}, data.subset(np.arange(2500, dtype=np.int32)))
+    assert len(asked) == told_after and asked[-1] == (told_after == 20)
+    assert cut.num_trees() == 7
+    assert _trees(cut) == _trees(exact)
+
+
+def test_fits_beside_the_early_stop_give_the_twin_of_fits_after_it(sample_frame):
+    # With threads for several fits, a base's other folds and refit start beside the fit
+    # that chooses its rounds: the twin is the one fitted after the choice.
+    quick = {**FAST["v2.3"], "n_estimators": 400, "learning_rate": 0.3}
+    side = TwinStack(bases=["v2.3"], meta_model="ridge", base_params={"v2.3": {**quick, "n_jobs": 2}},
+                     target="cpu_util_core_1").fit(sample_frame)
+    after = TwinStack(bases=["v2.3"], meta_model="ridge", base_params={"v2.3": {**quick, "n_jobs": 1}},
+                      target="cpu_util_core_1").fit(sample_frame)
+    rounds = after.base_params_["v2.3"]["n_estimators"]
+    assert 1 <= rounds < 400 and side.base_params_["v2.3"]["n_estimators"] == rounds
+    assert side.bases_[0].booster.num_trees() == rounds
+    assert _trees(side.bases_[0].booster) == _trees(after.bases_[0].booster)
+    np.testing.assert_array_equal(side.oof_predictions_, after.oof_predictions_)
 
 
 def test_meta_weights_intercept_and_params_are_exposed():

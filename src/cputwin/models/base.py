@@ -179,21 +179,42 @@ def dataset_params(params: dict[str, Any]) -> dict[str, Any]:
     return {**shaping, "verbose": -1}
 
 
+RoundsTold = Callable[[bool], int | None]  # (at the last round?) -> rounds to keep, if known
+
+
+def stop_when_told(rounds: RoundsTold) -> Callable[[Any], None]:
+    """A LightGBM callback that ends a fit at a round count told while it runs (chosen by
+    another fit beside it), asking again after every round and, at the last, waiting for
+    the answer. A fit past that count keeps only its first trees: each tree depends on
+    the trees before it alone, so that is the fit of exactly those rounds."""
+    def callback(env: Any) -> None:
+        done = env.iteration + 1
+        keep = rounds(done == env.end_iteration)
+        if keep is not None and done >= keep:
+            # lgb.train keeps best_iteration + 1 trees when it returns the booster
+            raise lgb.callback.EarlyStopException(keep - 1, [])
+    return callback
+
+
 def train_lgbm(
     params: dict[str, Any],
     train_set: lgb.Dataset,
     on_round: Callable[[float], None] | None = None,
     valid_set: lgb.Dataset | None = None,
+    stop: RoundsTold | None = None,
 ) -> lgb.Booster:
     """`fit_lgbm` on a ready Dataset (a fold's subset of one binned Dataset, so the
     binning is done once for all folds): LightGBM's native API, which reads the
     scikit-learn names in `params` as aliases. With `valid_set`, stop early on l1
-    after 100 flat rounds and keep the best round count."""
+    after 100 flat rounds and keep the best round count; with `stop`, end at the round
+    count it tells (`stop_when_told`)."""
     params = dict(params)
     rounds = int(params.pop("n_estimators", 100))
     callbacks = [] if on_round is None else [
         lambda env: on_round((env.iteration + 1 - env.begin_iteration)
                              / max(env.end_iteration - env.begin_iteration, 1))]
+    if stop is not None:
+        callbacks.append(stop_when_told(stop))
     if valid_set is None:
         return lgb.train(params, train_set, num_boost_round=rounds, callbacks=callbacks)
     params["metric"] = EARLY_STOPPING_METRIC

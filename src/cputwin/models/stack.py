@@ -32,6 +32,7 @@ from cputwin.models.base import (
     BaseSpec,
     FittedBase,
     LightGBMModel,
+    RoundsTold,
     base_from_dict,
     dataset_params,
     fit_base,
@@ -61,6 +62,34 @@ class Task:
     message: str
     cost: float  # rows × rounds: the largest go first
     run: Callable[[dict[str, Any], Callable[[float], None]], Any]
+    first: bool = False  # before every other task, whatever its cost
+
+
+class ChosenRounds:
+    """The rounds a base's early-stopping fit chooses, told to its other fits: run side by
+    side with it, they stop there once it is known (`stop_when_told`), and wait for it if
+    they reach the cap first. None once known: the choice failed, keep the cap."""
+
+    def __init__(self) -> None:
+        self.rounds: int | None = None
+        self.known = threading.Event()
+
+    def tell(self, rounds: int | None) -> None:
+        self.rounds = rounds
+        self.known.set()
+
+    def __call__(self, last: bool) -> int | None:
+        if last:
+            self.known.wait()
+        return self.rounds
+
+
+def cut_back_exact(params: dict[str, Any]) -> bool:
+    """Whether a LightGBM fit cut back to its first trees is the fit of that many rounds:
+    true where each tree, once added, stays as it is; DART rescales earlier trees."""
+    kind = next((params[k] for k in ("boosting", "boosting_type", "boost") if k in params),
+                "gbdt")
+    return str(kind).lower() != "dart"
 
 
 class Steps:
@@ -107,7 +136,8 @@ def run_tasks(budget: int | None, params: dict[str, dict[str, Any]], steps: Step
         steps.finish(t.key)
         return out
 
-    order = sorted(tasks, key=lambda t: -t.cost)
+    # started in this order (a pool takes its queue first in, first out)
+    order = sorted(tasks, key=lambda t: (not t.first, -t.cost))
     if workers == 1:
         return {t.key: one(t) for t in order}
     with ThreadPoolExecutor(workers) as pool:
@@ -247,12 +277,13 @@ class TwinStack(RegressorMixin, BaseEstimator):
                   for b in self.base_specs_}
         budget = rows.threads(params) if hasattr(rows, "threads") else None
 
-        def task(key: Any, j: int, message: str, train: np.ndarray, run: Callable) -> Task:
+        def task(key: Any, j: int, message: str, train: np.ndarray, run: Callable,
+                 first: bool = False) -> Task:
             spec = self.base_specs_[j]
             cost = train.size * (len(self.targets_) if spec.pooled and not self.machine_ else 1)
             if spec.learner == "lgbm":
                 cost *= params[spec.name]["n_estimators"]
-            return Task(key, spec.name, message, float(cost), run)
+            return Task(key, spec.name, message, float(cost), run, first)
 
         every = np.flatnonzero(valid)
         self.fold_plan_ = plan = self._fold_plan(valid, rows.position, rows.n_in_run,
@@ -265,30 +296,55 @@ class TwinStack(RegressorMixin, BaseEstimator):
 
         # The last fold predicts each run's tail: a base that stops early stops there, in
         # that fold's own fit, and its other folds and refit train the rounds it chose.
-        early = run_tasks(budget, params, steps, [
-            task((j, last), j, f"fold {n_plan}/{n_plan} of {self.base_specs_[j].name} "
-                               "(choosing its rounds)", plan[last]["train"],
-                 lambda p, on_round, j=j: rows.fit_stopping(j, p, plan[last]["train"],
-                                                            plan[last]["predict"], on_round))
-            for j in stopping])
-        for (j, _), (rounds, _) in early.items():
-            params[self.base_specs_[j].name]["n_estimators"] = rounds
-        self.base_params_ = params
+        # They start beside that fit, before the rounds are known, wherever the rows run
+        # fits side by side: the choosing fits are started first, so none waits for a fit
+        # that has not started.
+        chosen = {j: ChosenRounds() for j in stopping}
+
+        def choose(j: int) -> Callable[[dict[str, Any], Any], Any]:
+            def run(p: dict[str, Any], on_round: Any) -> tuple[int, np.ndarray]:
+                try:
+                    out = rows.fit_stopping(j, p, plan[last]["train"], plan[last]["predict"],
+                                            on_round)
+                except BaseException:
+                    chosen[j].tell(None)
+                    raise
+                chosen[j].tell(out[0])
+                return out
+            return run
+
+        def fit_rows(j: int, p: dict[str, Any], train: np.ndarray, on_round: Any) -> FittedBase:
+            """Base j fitted on some rows: with the rounds its early stop chose, where known
+            (or it cannot be cut back to them), else told them while it runs."""
+            told = chosen.get(j)
+            if told is None:
+                return rows.fit(j, p, train, on_round)
+            if not cut_back_exact(p):
+                told.known.wait()
+            if told.known.is_set():
+                rounds = told.rounds or p["n_estimators"]
+                return rows.fit(j, {**p, "n_estimators": rounds}, train, on_round)
+            return rows.fit(j, p, train, on_round, stop=told)
 
         def fold(j: int, k: int) -> Callable[[dict[str, Any], Any], Any]:
             """Base j's predictions of fold k's block, or its refit on every row (k == n_plan)."""
             if k == n_plan:
-                return lambda p, on_round: rows.fit(j, p, every, on_round)
-            return lambda p, on_round: rows.predict(j, rows.fit(j, p, plan[k]["train"], on_round),
+                return lambda p, on_round: fit_rows(j, p, every, on_round)
+            return lambda p, on_round: rows.predict(j, fit_rows(j, p, plan[k]["train"], on_round),
                                                     plan[k]["predict"])
 
         done = run_tasks(budget, params, steps, [
+            task((j, last), j, f"fold {n_plan}/{n_plan} of {self.base_specs_[j].name} "
+                               "(choosing its rounds)", plan[last]["train"], choose(j), first=True)
+            for j in stopping] + [
             task((j, k), j, f"refitting {spec.name}" if k == n_plan else
                  f"fold {k + 1}/{n_plan} of {spec.name}",
                  every if k == n_plan else plan[k]["train"], fold(j, k))
             for j, spec in enumerate(self.base_specs_) for k in range(n_plan + 1)
-            if (j, k) not in early])
-        done.update({key: predicted for key, (_, predicted) in early.items()})
+            if not (j in chosen and k == last)])
+        for j in stopping:
+            params[self.base_specs_[j].name]["n_estimators"], done[(j, last)] = done[(j, last)]
+        self.base_params_ = params
         self.oof_index_ = oof_rows = np.concatenate([f["predict"] for f in plan])
         self.oof_predictions_ = oof = np.column_stack(
             [np.concatenate([done[(j, k)] for k in range(n_plan)]) for j in range(len(names))])
@@ -671,11 +727,13 @@ class LocalRows:
             full, where = self._datasets[key]
         return full.subset(where[self._expand(j, rows)].astype(np.int32))
 
-    def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round) -> FittedBase:
+    def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round,
+            stop: RoundsTold | None = None) -> FittedBase:
+        """Base j trained on some rows; `stop` tells it, while it runs, where to end."""
         spec = self.stack.base_specs_[j]
         if spec.learner != "lgbm":
             return fit_base(spec, params, *self.rows(j, rows), self.mats[j].names)
-        booster = train_lgbm(params, self.dataset(j, params, rows), on_round)
+        booster = train_lgbm(params, self.dataset(j, params, rows), on_round, stop=stop)
         return LightGBMModel(spec.name, self.mats[j].names, booster)
 
     def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray:
