@@ -276,6 +276,9 @@ class TwinStack(RegressorMixin, BaseEstimator):
         params = {b.name: params_for(b.name, {**b.params, **(self.base_params or {}).get(b.name, {})})
                   for b in self.base_specs_}
         budget = rows.threads(params) if hasattr(rows, "threads") else None
+        if budget is not None:
+            steps.progress("binning the features", 0.0)
+            rows.bin(params, budget)
 
         def task(key: Any, j: int, message: str, train: np.ndarray, run: Callable,
                  first: bool = False) -> Task:
@@ -710,21 +713,35 @@ class LocalRows:
             return views[0][0][rows], views[0][1][rows]
         return np.vstack([X[rows] for X, _ in views]), np.concatenate([y[rows] for _, y in views])
 
-    def dataset(self, j: int, params: dict[str, Any], rows: np.ndarray) -> lgb.Dataset:
-        """A LightGBM Dataset of some rows for base j: a subset of the Dataset of every
-        valid row, binned once per design and binning parameters."""
+    def binned(self, j: int, params: dict[str, Any], threads: int) -> tuple[lgb.Dataset, np.ndarray]:
+        """The binned Dataset of every valid row for base j's design and binning
+        parameters (binned on `threads` the first time it is asked for), and where each of
+        its stacked rows lies in it (-1: not valid)."""
         shaping = dataset_params(params)
         key = (self._design(j)[0], tuple(sorted(shaping.items())))
         with self._lock:
             if key not in self._datasets:
                 every = np.flatnonzero(self.valid)
                 full = lgb.Dataset(*self.rows(j, every), feature_name=self.mats[j].names,
-                                   params={**shaping, "num_threads": self.threads({"": params})},
+                                   params={**shaping, "num_threads": threads},
                                    free_raw_data=True).construct()
                 where = np.full(self.valid.size * self._design(j)[1], -1, dtype=np.int64)
                 where[self._expand(j, every)] = np.arange(self._expand(j, every).size)
                 self._datasets[key] = (full, where)
-            full, where = self._datasets[key]
+            return self._datasets[key]
+
+    def bin(self, params: dict[str, dict[str, Any]], threads: int) -> None:
+        """Bin every LightGBM base's design before the fits, one after another on all the
+        `threads` the fits share: binned inside a fit, on that fit's one thread, the other
+        cores would idle, and the fits on the same design wait for it."""
+        for j, spec in enumerate(self.stack.base_specs_):
+            if spec.learner == "lgbm":
+                self.binned(j, params[spec.name], threads)
+
+    def dataset(self, j: int, params: dict[str, Any], rows: np.ndarray) -> lgb.Dataset:
+        """A LightGBM Dataset of some rows for base j: a subset of the Dataset of every
+        valid row, binned once per design and binning parameters."""
+        full, where = self.binned(j, params, self.threads({"": params}))
         return full.subset(where[self._expand(j, rows)].astype(np.int32))
 
     def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round,
