@@ -261,10 +261,13 @@ class TwinStack(RegressorMixin, BaseEstimator):
         """The honest fit on prepared training rows, wherever they live (`LocalRows` here,
         a Dask cluster in `cputwin.models.cluster`): rounds, folds, meta-model, refit.
 
-        Every fold fit and every refit is independent of the others, so where the rows
-        name a thread budget (`LocalRows.threads`) they run side by side, one LightGBM
-        thread each, largest first: on a few thousand rows one thread per fit beats
-        several threads on one fit, which spend their time waiting on each other."""
+        Every fold fit and every refit is independent of the others (a fit that needs
+        the rounds another chooses is told them as it runs), so where the rows name a
+        thread budget (`LocalRows.threads`) they run side by side, one LightGBM thread
+        each, the fits that choose rounds first, then the largest: one thread per fit
+        beats several threads on one fit, which spend their time waiting on each other
+        (on a few thousand rows, and on a million, where two threads on one fit used
+        nearly twice the CPU time of one)."""
         valid = rows.valid
         if not valid.any():
             raise ModelError("no training row has the history the feature sets need")
