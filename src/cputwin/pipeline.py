@@ -499,8 +499,9 @@ class DemoResult:
 
 DEMO_TRAIN_FRACTION = 0.8
 # Seconds of one fit per training row and core (the twin preset, the honest split):
-# `cputwin demo --json` on the embedded sample, 2 cores: training_seconds 6.7 for 1440 rows.
-DEMO_SECONDS_PER_ROW_CORE = 0.01
+# `cputwin demo --json` on the embedded sample, 2 cores: training_seconds 1.44 (median of 3)
+# for 1440 rows, so 1.44 * min(2, 4) / 1440.
+DEMO_SECONDS_PER_ROW_CORE = 0.002
 
 
 def demo_estimate(rows: int | None = None, cores: int | None = None) -> dict[str, Any]:
