@@ -185,8 +185,9 @@ RoundsTold = Callable[[bool], int | None]  # (at the last round?) -> rounds to k
 def stop_when_told(rounds: RoundsTold) -> Callable[[Any], None]:
     """A LightGBM callback that ends a fit at a round count told while it runs (chosen by
     another fit beside it), asking again after every round and, at the last, waiting for
-    the answer. A fit past that count keeps only its first trees: each tree depends on
-    the trees before it alone, so that is the fit of exactly those rounds."""
+    the answer. A fit past that count keeps only its first trees: in gradient boosting
+    each tree depends on the trees before it alone, so that is the fit of exactly those
+    rounds (not in DART, which rescales earlier trees: `stack.cut_back_exact`)."""
     def callback(env: Any) -> None:
         done = env.iteration + 1
         keep = rounds(done == env.end_iteration)

@@ -631,7 +631,9 @@ class TrainingRows(Protocol):
 
     valid, position (within run), n_in_run, target, workloads: one entry per row, in this
     process (the fold plan and the meta-model need them); the feature matrices may live
-    elsewhere. `fit` trains base j on some rows, `predict` predicts base j's rows.
+    elsewhere. `fit` trains base j on some rows, `predict` predicts base j's rows. Only
+    rows with a thread budget (`LocalRows.threads`), whose fits run side by side, are
+    given a `stop` (`RoundsTold`) by `fit`'s caller.
     """
 
     valid: np.ndarray
@@ -743,9 +745,20 @@ class LocalRows:
 
     def dataset(self, j: int, params: dict[str, Any], rows: np.ndarray) -> lgb.Dataset:
         """A LightGBM Dataset of some rows for base j: a subset of the Dataset of every
-        valid row, binned once per design and binning parameters."""
+        valid row, binned once per design and binning parameters.
+
+        Built here, one at a time, with the fit's own thread count: LightGBM keeps one
+        process-wide OpenMP thread count that each call sets, so a subset built inside a
+        fit with the binning's count while other fits run on theirs crashed the process
+        (segmentation fault in LGBM_DatasetGetSubset beside LGBM_BoosterCreate)."""
         full, where = self.binned(j, params, self.threads({"": params}))
-        return full.subset(where[self._expand(j, rows)].astype(np.int32))
+        threads = int(params.get("n_jobs") or 0)
+        subset_params = None if threads <= 0 else {
+            **full.params, **{k: v for k, v in params.items() if k not in ("n_estimators", "n_jobs")},
+            "num_threads": threads}  # the fit's parameters, which LightGBM checks against these
+        with self._lock:
+            return full.subset(where[self._expand(j, rows)].astype(np.int32),
+                               params=subset_params).construct()
 
     def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round,
             stop: RoundsTold | None = None) -> FittedBase:
