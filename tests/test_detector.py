@@ -404,7 +404,8 @@ def test_durations_become_ticks_at_the_data_rate():
     residuals = _normal_minutes(30, seed=8)[::10]  # 30 minutes at 1 Hz
     det = Detector().fit(residuals, np.array(["w"] * residuals.size),
                          np.zeros(residuals.size, int), rate_hz=1.0)
-    assert (det.window_ticks, det.raise_ticks, det.clear_ticks) == (1, 1, 1)
+    # the median still spans 3 samples: one sample of a 1 s scrape is not evidence
+    assert (det.window_ticks, det.raise_ticks, det.clear_ticks) == (3, 1, 1)
     assert np.isfinite(det.power["w"])
     ten = Detector().fit(_normal_minutes(4, seed=8), np.array(["w"] * 2400),
                          np.zeros(2400, int), rate_hz=10.0)

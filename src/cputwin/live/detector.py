@@ -13,8 +13,11 @@ per workload where a workload has enough of them:
            cleared after `clear_s` seconds of score < `clear_level` × `threshold`
 
 The durations become ticks at the data's rate (10 Hz: a window of 5 ticks, 3 to raise, 10
-to clear; at a 1 s scrape, the raw z and 1 tick to raise), so a twin of slow data is as
-quick as its data allows. Twins calibrated with an exponentially weighted score
+to clear; at a 1 s scrape, 1 tick to raise), so a twin of slow data is as quick as its
+data allows. The window never holds fewer than `MIN_WINDOW_TICKS` samples: at a 1 s scrape
+one sample is a whole second of a core, and normal operation's largest residuals (a
+service's load leaning on one core for a moment) are single samples, while a hidden
+process holds the core for several. Twins calibrated with an exponentially weighted score
 (`smoother="ewma"`, time constant `smoothing_s`) keep it.
 
 `threshold` is the level an exponential tail, fitted to the episode peaks of the
@@ -59,6 +62,7 @@ MAD_TO_SIGMA = 1.4826
 USER_HZ = 100  # Linux counts CPU time in 1/100 s: a 100 ms sample of one core is in 10 % steps
 POWER_WINDOW_S = 2.0  # power: extra load that alarms within this long
 BLIND_POINTS = 50.0  # a workload whose power is above this is reported as blind spot
+MIN_WINDOW_TICKS = 3  # the score's median spans at least this many samples, whatever the rate
 
 
 def resolution_floor(rate_hz: float) -> float:
@@ -125,7 +129,7 @@ class Detector:
         residuals, overall and per workload with enough rows."""
         self.rate_hz = float(rate_hz)
         self.alpha = 1.0 - math.exp(-1.0 / (rate_hz * self.settings.smoothing_s))
-        self.window_ticks = max(1, round(self.settings.window_s * rate_hz))
+        self.window_ticks = max(MIN_WINDOW_TICKS, round(self.settings.window_s * rate_hz))
         self.raise_ticks = max(1, round(self.settings.raise_s * rate_hz))
         self.clear_ticks = max(1, round(self.settings.clear_s * rate_hz))
         self.centre, self.scale = {}, {}
