@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from cputwin.errors import DataError, WorkloadError
 from cputwin.telemetry import schema
+from cputwin.telemetry.counters import MODES, CounterBreak, interval_utilisation
 from cputwin.telemetry.schema import OVERALL, TIMESTAMP, UNLABELLED, WORKLOAD, Schema, core_column
 from cputwin.telemetry.workloads import WORKLOADS, WorkloadFn, WorkloadProcess
 
@@ -132,34 +133,34 @@ class ProcessMeter:
         return 100.0 * max(0.0, total - previous) / elapsed
 
 
-def _busy_and_total(times: Any) -> tuple[float, float]:
-    """psutil's own accounting: guest time is already inside user and nice, and iowait
-    counts as idle."""
-    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
-    return total - times.idle - getattr(times, "iowait", 0.0), total
+def _psutil_counters() -> dict[int, dict[str, float]]:
+    """This machine's per-core counters in `counters`' form, with psutil's accounting kept:
+    iowait counts as idle (a core waiting on a disk is not busy)."""
+    out = {}
+    for core, t in enumerate(psutil.cpu_times(percpu=True)):
+        modes = {m: getattr(t, m) for m in MODES if hasattr(t, m) and m != "iowait"}
+        modes["idle"] += getattr(t, "iowait", 0.0)
+        out[core] = modes
+    return out
 
 
 class CoreMeter:
     """Overall and per-core utilisation since the last call, from ONE read of the per-core
-    counters: overall is the cores' summed time, so it is the mean of the cores over the
-    very same interval. Two reads (overall, then per core) cover intervals that drift
-    apart by the scheduling delay between them, which a busy machine makes large."""
+    counters (`interval_utilisation`: overall is the cores' summed time, so it is the mean
+    of the cores over the very same interval). Two reads (overall, then per core) cover
+    intervals that drift apart by the scheduling delay between them, which a busy machine
+    makes large."""
 
     def __init__(self) -> None:
-        self.last = self._read()
-
-    @staticmethod
-    def _read() -> list[tuple[float, float]]:
-        return [_busy_and_total(t) for t in psutil.cpu_times(percpu=True)]
+        self.last = _psutil_counters()
 
     def read(self) -> tuple[float, list[float]]:
-        current, previous = self._read(), self.last
+        current, previous = _psutil_counters(), self.last
         self.last = current
-        deltas = [(max(0.0, b - pb), max(0.0, t - pt))
-                  for (b, t), (pb, pt) in zip(current, previous, strict=False)]
-        cores = [min(100.0, 100.0 * b / t) if t > 0 else 0.0 for b, t in deltas]
-        busy, total = sum(b for b, _ in deltas), sum(t for _, t in deltas)
-        overall = min(100.0, 100.0 * busy / total) if total > 0 else 0.0
+        try:
+            overall, cores = interval_utilisation(previous, current)
+        except CounterBreak:  # no clock tick passed, or the cores changed: nothing measured
+            return 0.0, [0.0] * len(current)
         return round(overall, 1), [round(c, 1) for c in cores]
 
 
