@@ -71,8 +71,10 @@ def test_the_alarm_replay_counts_what_the_live_hysteresis_raises(
     starts[0] = True
     starts[[b for b in breaks if b < scores.size]] = True
     replay = AlarmReplay(scores, starts, raise_ticks, clear_ticks)
-    assert replay.raises(threshold, clear_level) == stepped(
-        scores, starts, threshold, raise_ticks, clear_ticks, clear_level)
+    count = stepped(scores, starts, threshold, raise_ticks, clear_ticks, clear_level)
+    assert replay.raises(threshold, clear_level) == count
+    for limit in (0, 1, 2.5):  # stops counting once past the limit, and only then
+        assert replay.raises(threshold, clear_level, limit=limit) == min(count, int(limit) + 1)
 
 
 @settings(max_examples=200, deadline=None)

@@ -300,8 +300,10 @@ def _lowest_threshold(scores: np.ndarray, levels: np.ndarray, bounds: np.ndarray
 
     replay = AlarmReplay(scores, bounds, raise_ticks, clear_ticks)
 
+    allowed = rate * hours
+
     def meets(t: float) -> bool:
-        return replay.raises(t, clear_level) / hours <= rate
+        return replay.raises(t, clear_level, limit=allowed) / hours <= rate
 
     low, high = 0, candidates.size - 1
     while low < high:
@@ -371,7 +373,11 @@ class AlarmReplay:
                                      nan=np.inf)
         self.segments = np.flatnonzero(segment_starts)
 
-    def raises(self, threshold: float, clear_level: float = 1.0) -> int:
+    def raises(self, threshold: float, clear_level: float = 1.0,
+               limit: float = np.inf) -> int:
+        """The alarms raised at `threshold`; counting stops past `limit` (a caller that
+        only asks whether the count is within it needs no more, and a low threshold on
+        millions of rows raises hundreds of thousands)."""
         up = np.flatnonzero(self.lowest > threshold)
         if up.size == 0:
             return 0
@@ -379,7 +385,7 @@ class AlarmReplay:
         count, earliest = 0, 0
         while True:
             i = np.searchsorted(up, earliest)
-            if i == up.size:
+            if i == up.size or count > limit:
                 return count
             raised = up[i]
             count += 1
