@@ -66,10 +66,12 @@ from anomaly_scoring import (
     Run,
     Scored,
     baselines,
+    blind_share,
     detections,
     event_pr_auc,
     false_alarms,
     recall_and_delays,
+    with_headroom,
 )
 from cputwin.cli import _finite as finite
 from cputwin.errors import CputwinError
@@ -372,6 +374,7 @@ def cputwin_scored(twins: list[OnlineTwin], run: pl.DataFrame) -> Scored:
     cores = run.select(columns).to_numpy()
     overall, workloads = run[OVERALL].to_numpy(), run[WORKLOAD].to_list()
     rel = np.full(cores.shape, np.nan)
+    blind = np.zeros(cores.shape, bool)
     for twin in twins:
         own = (workload_cpu_column(run, "this twin").to_numpy() if twin.reads_workload_cpu
                else np.full(run.height, np.nan))
@@ -380,7 +383,8 @@ def cputwin_scored(twins: list[OnlineTwin], run: pl.DataFrame) -> Scored:
         for i in range(run.height):
             for core in stream.update(cores[i], overall[i], workloads[i], own[i]).cores:
                 rel[i, columns.index(core.target)] = relative(core.score, thresholds[core.target])
-    return Scored(run[TIMESTAMP].to_numpy(), rel)
+                blind[i, columns.index(core.target)] = core.blind
+    return Scored(run[TIMESTAMP].to_numpy(), rel, blind)
 
 
 def as_run(run: pl.DataFrame) -> Run:
@@ -444,6 +448,9 @@ def score_recording(root: Path, bases: str | None, per_core: bool, say) -> dict:
             out["kinds"][kind][name] = {
                 **recall_and_delays(mine), "delays_s": mine,
                 "pr_auc": event_pr_auc(on_normal + on_inject, events, kind_events, alarm)}
+            if name == "cputwin":
+                out["kinds"][kind][name]["headroom"] = with_headroom(
+                    mine, [blind_share(on_inject, e) for e in kind_events])
         out["false_alarms"][name] = false_alarms(on_normal, alarm)
     return out
 
@@ -468,6 +475,13 @@ def summarise(results: list[dict]) -> dict:
                 "p95_delay_s": float(np.percentile(delays, 95)) if delays else None,
                 "pr_auc": _stat([p["pr_auc"] for p in per], np.mean),
                 "events": sum(p["events"] for p in per)}
+            if all("headroom" in p for p in per):
+                seen = [p["headroom"] for p in per]
+                kinds[kind][name]["headroom"] = {
+                    "recall_min": _stat([h["recall"] for h in seen], min),
+                    "recall_mean": _stat([h["recall"] for h in seen], np.mean),
+                    "events": sum(h["events"] for h in seen),
+                    "blind_events": sum(h["blind_events"] for h in seen)}
     core_hours = sum(r["normal_hours"] * r["cores"] for r in results)
     return {"recordings": len(results),
             "normal_hours": sum(r["normal_hours"] for r in results),
@@ -499,6 +513,19 @@ def beaten(summary: dict) -> list[str]:
     return lines
 
 
+def headroom_line(summary: dict) -> str:
+    """cputwin's recall over the loads on a core with headroom, and how many loads fell
+    where it said it was blind (the core expected so busy that no extra load could show)."""
+    cells = []
+    for kind in KINDS:
+        h = summary["kinds"][kind]["cputwin"].get("headroom")
+        if h is not None:
+            cells.append(f"{kind} {_fmt(h['recall_mean'])} ({_fmt(h['recall_min'])}) of "
+                         f"{h['events']}, {h['blind_events']} blind")
+    return ("cputwin where the core had headroom (said blind for under half the load), "
+            "recall mean (min): " + "; ".join(cells)) if cells else ""
+
+
 def table(summary: dict) -> str:
     width = 16
     head = f"{'detector':<16}" + "".join(f"{k:>{width}}" for k in KINDS) + f"{'false/h':>9}"
@@ -519,6 +546,7 @@ def table(summary: dict) -> str:
             f"{_fmt(summary['kinds'][k][name]['pr_auc'])}".rjust(width) for k in KINDS))
     events = {k: summary["kinds"][k]["cputwin"]["events"] for k in KINDS}
     out.append("events: " + ", ".join(f"{k} {n}" for k, n in events.items()))
+    out.append(headroom_line(summary))
     out.append("per recording, cputwin recall: " + "; ".join(
         f"seed {r['seed']}: " + " ".join(f"{k} {_fmt(r['kinds'][k]['cputwin']['recall'])}"
                                           for k in KINDS) for r in summary["per_recording"]))
@@ -548,6 +576,7 @@ def markdown(summary: dict, command: str) -> str:
                    + f" | {_fmt(summary['false_alarms_per_hour'][name])} |")
     events = {k: summary["kinds"][k]["cputwin"]["events"] for k in KINDS}
     out += ["", "Hidden loads: " + ", ".join(f"{k} {n}" for k, n in events.items()) + ".", "",
+            headroom_line(summary), "",
             "cputwin's recall per recording:", "",
             "| seed | " + " | ".join(KINDS) + " | false alarms |",
             "|---|" + "---|" * len(KINDS) + "---|"]

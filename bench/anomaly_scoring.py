@@ -63,6 +63,7 @@ class Scored:
 
     stamps: np.ndarray
     rel: np.ndarray  # (n, cores)
+    blind: np.ndarray | None = None  # (n, cores): cputwin's own word that it cannot see
 
 
 @dataclass(frozen=True)
@@ -333,6 +334,25 @@ def detections(scored: list[Scored], events: list[Event], alarm: Alarm,
         hits = [t - e.start for t in raised.get(e.core, []) if e.start <= t <= e.end + grace]
         out.append(min(hits) if hits else None)
     return out
+
+
+def blind_share(scored: list[Scored], e: Event) -> float | None:
+    """The share of an event's ticks in which the detector said its core was blind (the
+    twin expected the core too busy for the extra load that alarms); None: not stated."""
+    for s in scored:
+        inside = (s.stamps >= e.start) & (s.stamps <= e.end)
+        if s.blind is not None and inside.any():
+            return float(s.blind[inside, e.core].mean())
+    return None
+
+
+def with_headroom(delays: list[float | None], shares: list[float | None]) -> dict:
+    """Recall over the events the detector did not call blind for most of their length,
+    and how many it did (a load on a core already near 100 % leaves no trace to find)."""
+    seen = [d for d, b in zip(delays, shares, strict=True) if b is not None and b < 0.5]
+    return {"events": len(seen), "recall": (sum(d is not None for d in seen) / len(seen)
+                                            if seen else None),
+            "blind_events": sum(b is not None and b >= 0.5 for b in shares)}
 
 
 def false_alarms(scored: list[Scored], alarm: Alarm) -> int:

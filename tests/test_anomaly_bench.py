@@ -125,6 +125,19 @@ def test_recall_and_delays_summary():
     assert S.recall_and_delays([])["recall"] is None
 
 
+def test_loads_the_detector_called_blind_are_counted_apart_from_recall_with_headroom():
+    stamps = np.arange(0.0, 30.0, 0.1)
+    blind = np.zeros((stamps.size, 2), bool)
+    blind[(stamps >= 20) & (stamps < 24), 1] = True  # core 1 saturated for 4 s of 5
+    scored = S.Scored(stamps, np.zeros((stamps.size, 2)), blind)
+    seen, saturated = S.Event("full", 1, 10.0, 15.0), S.Event("full", 1, 20.0, 25.0)
+    shares = [S.blind_share([scored], e) for e in (seen, saturated)]
+    assert shares[0] == 0.0 and 0.7 < shares[1] < 0.9
+    out = S.with_headroom([1.2, None], shares)
+    assert out == {"events": 1, "recall": 1.0, "blind_events": 1}
+    assert S.blind_share([S.Scored(stamps, np.zeros((stamps.size, 2)))], seen) is None
+
+
 # ------------------------------------------------------------------ thresholds and baselines
 
 
@@ -309,6 +322,8 @@ def test_score_prints_one_json_object_with_every_kind_and_detector(tmp_path):
     full = out["kinds"]["full"]["static"]
     assert full["events"] == 6 and 0.0 <= full["recall_mean"] <= 1.0
     assert out["kinds"]["half"]["cputwin"]["recall_mean"] is None  # no such load recorded
+    headroom = out["kinds"]["full"]["cputwin"]["headroom"]
+    assert headroom["events"] + headroom["blind_events"] == 6
     assert out["instrument"]["cpu_model"] == "synthetic"
     table = run_bench("--score", str(tmp_path), "--markdown")
     assert table.returncode == 0, table.stderr

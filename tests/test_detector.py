@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from cputwin import TwinStack
 from cputwin.live.detector import (
+    GLOBAL,
     AlarmReplay,
     Detector,
     DetectorSettings,
@@ -283,10 +284,13 @@ def test_a_hidden_process_on_the_target_core_raises_an_alarm(independent_twin):
     stream = OnlineTwin(stack, detector=detector).stream()
     cores = busy.select([f"cpu_util_core_{i}" for i in range(4)]).to_numpy()
     overall = busy["cpu_util_overall"].to_numpy()
-    events = [(i, stream.update(cores[i], overall[i], "w").event) for i in range(busy.height)]
-    raised = [i for i, e in events if e == "raise"]
+    ticks = [stream.update(cores[i], overall[i], "w") for i in range(busy.height)]
+    raised = [i for i, t in enumerate(ticks) if t.event == "raise"]
     assert raised and 200 <= raised[0] <= 215  # caught within 1.5 s at 10 Hz
     assert not [i for i in raised if i < 200]
+    power = detector.power.get("w", detector.power[GLOBAL])
+    judged = [t for t in ticks if t.prediction is not None]
+    assert all(t.blind == (t.prediction + power > 100) == t.cores[0].blind for t in judged)
 
 
 def test_one_short_burst_in_calibration_costs_its_sustained_level_not_its_peak():
@@ -421,3 +425,15 @@ def test_factorize_gives_each_row_its_label(labels):
     names, codes = factorize(np.array(labels, dtype=object))
     assert len(set(names)) == len(names) and set(names) == set(labels)
     assert [names[c] for c in codes] == labels
+
+
+def test_the_detector_is_blind_where_the_core_has_no_headroom_for_its_power():
+    det = Detector(threshold=6.0, centre={GLOBAL: 0.0, "busy": 0.0},
+                   scale={GLOBAL: 2.0, "busy": 5.0})
+    det.power = {w: det.power_for(w) for w in det.scale}  # 12 and 30 points
+    assert det.blind_at(85.0, GLOBAL) is False and det.blind_at(85.0, "busy") is True
+    assert det.blind_at(85.0, "unseen") is False and det.blind_at(95.0, "unseen") is True
+    state = DetectorState(det)
+    assert state.update(0.0, "busy").blind is False  # no prediction given: not judged
+    assert state.update(0.0, "busy", prediction=75.0).blind is True
+    assert state.update(0.0, "busy", prediction=60.0).blind is False

@@ -201,6 +201,13 @@ class Detector:
             {GLOBAL: self.power[GLOBAL]} if self.power.get(GLOBAL, 0.0) > limit
             and len(self.power) == 1 else {})
 
+    def blind_at(self, prediction: float, workload: str) -> bool:
+        """Whether extra load on the core could not alarm now: the twin expects the core so
+        busy that the power for this workload would take it past 100 % (a hidden process
+        on a saturated core leaves no trace in its utilisation)."""
+        key = workload if workload in self.power else GLOBAL
+        return prediction + self.power.get(key, float("inf")) > 100.0
+
     def blind_reason(self, workload: str) -> str:
         """Why the detector needs much load to alarm in this workload, in plain words."""
         key = workload if workload in self.scale else GLOBAL
@@ -486,6 +493,7 @@ class Verdict:
     score: float
     alarm: bool
     event: str | None  # "raise", "clear" or None
+    blind: bool = False  # extra load could not alarm now (`Detector.blind_at`)
 
 
 class DetectorState:
@@ -505,10 +513,14 @@ class DetectorState:
         self.ewma = z if self.ewma is None else self.d.alpha * z + (1 - self.d.alpha) * self.ewma
         return self.ewma
 
-    def update(self, residual: float, workload: str) -> Verdict:
+    def update(self, residual: float, workload: str,
+               prediction: float | None = None) -> Verdict:
+        """One sample's residual; with the twin's `prediction`, also whether the core
+        has the headroom for extra load to show."""
         score = self.smooth(self.d.z(residual, workload))
         event = self.logic.step(score)
-        return Verdict(score, self.logic.alarm, event)
+        blind = prediction is not None and self.d.blind_at(prediction, workload)
+        return Verdict(score, self.logic.alarm, event, blind)
 
 
 def calibrate(stack: Any, frame: Any, **settings: Any) -> Detector | dict[str, Detector]:

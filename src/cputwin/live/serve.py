@@ -103,12 +103,17 @@ class Prediction(BaseModel):
                                             "e.g. workload labels it was not trained on.")
 
 
+BLIND_HELP = ("True where the twin expects the core so busy that the extra load needed to "
+              "alarm would take it past 100 %: a hidden process there cannot show.")
+
+
 class CoreResult(BaseModel):
     prediction: float | None
     residual: float | None
     score: float | None
     alarm: bool
     event: str | None
+    blind: bool = Field(False, description=BLIND_HELP)
 
 
 class StreamResult(BaseModel):
@@ -118,6 +123,7 @@ class StreamResult(BaseModel):
     score: float | None
     alarm: bool
     event: str | None
+    blind: bool = Field(False, description=BLIND_HELP)
     cores: dict[str, CoreResult] = Field(
         description="Every watched core by column name (empty until history is complete); "
                     "the top-level fields are the first one's.")
@@ -542,7 +548,7 @@ def _step(entry: Entry, stream_id: str, samples: list[Sample], cores: np.ndarray
         for c in tick.cores:
             per_core[c.target] = {"prediction": _finite(c.prediction),
                                   "residual": _finite(c.residual), "score": _finite(c.score),
-                                  "alarm": c.alarm, "event": c.event}
+                                  "alarm": c.alarm, "event": c.event, "blind": c.blind}
             if c.event == "raise":
                 entry.series[c.target].raises.inc()
         if alerts is not None:
@@ -550,7 +556,8 @@ def _step(entry: Entry, stream_id: str, samples: list[Sample], cores: np.ndarray
                         sample.timestamp)
         results.append({"timestamp": sample.timestamp, "prediction": _finite(tick.prediction),
                         "residual": _finite(tick.residual), "score": _finite(tick.score),
-                        "alarm": tick.alarm, "event": tick.event, "cores": per_core})
+                        "alarm": tick.alarm, "event": tick.event, "blind": tick.blind,
+                        "cores": per_core})
     for target, j in streams.observed_index:
         entry.series[target].gauges["observed"].set(cores[-1, j])
     for c in tick.cores:

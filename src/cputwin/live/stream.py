@@ -30,12 +30,15 @@ class CoreTick:
     score: float | None = None
     alarm: bool = False
     event: str | None = None
+    blind: bool = False  # the core too busy for extra load to alarm (`Detector.blind_at`)
 
 
 @dataclass
 class Tick:
     """One sample's outcome: the twin's value (None until history is complete), the bases',
-    and with a detector: residual (observed − twin), score, alarm state, raise/clear event.
+    and with a detector: residual (observed − twin), score, alarm state, raise/clear event,
+    and whether the detector is blind this tick (the twin expects the core too busy for a
+    hidden process to show).
 
     The top-level fields are the first watched core's; `cores` holds every watched core
     (one for a twin of one core, all of them for a machine twin), empty until history."""
@@ -47,6 +50,7 @@ class Tick:
     alarm: bool = False
     event: str | None = None
     cores: list[CoreTick] = field(default_factory=list)
+    blind: bool = False
 
 
 class OnlineTwin:
@@ -150,12 +154,14 @@ class TwinStream:
             core = CoreTick(target, values[t])
             if self.watch is not None:
                 core.residual = float(cores[self.target_index[t]]) - values[t]
-                verdict = self.watch[t].update(core.residual, workload)
+                verdict = self.watch[t].update(core.residual, workload, values[t])
                 core.score, core.alarm, core.event = verdict.score, verdict.alarm, verdict.event
+                core.blind = verdict.blind
             per_core.append(core)
         first = per_core[0]
         return Tick(first.prediction, dict(zip(self.twin.names, preds, strict=True)),
-                    first.residual, first.score, first.alarm, first.event, per_core)
+                    first.residual, first.score, first.alarm, first.event, per_core,
+                    first.blind)
 
 
 def replay(stack: TwinStack, frame: pl.DataFrame) -> np.ndarray:
