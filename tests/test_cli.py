@@ -173,7 +173,9 @@ def test_watch_records_and_exits_cleanly(sample_data, tmp_path):
     assert 30 <= summary["ticks"] <= 40
     table = pl.read_parquet(summary["record"])
     assert table.height == summary["ticks"]
-    assert {"prediction", "residual", "score", "alarm", "cpu_util_core_0"} <= set(table.columns)
+    assert {"prediction", "residual", "score", "alarm", "blind",
+            "cpu_util_core_0"} <= set(table.columns)
+    assert table["blind"].dtype == pl.Boolean
     assert table["prediction"].drop_nulls().len() > 0  # past the twin's history
     lines = [json.loads(line) for line in events.read_text().splitlines()]
     assert all(e["event"] in ("raise", "clear") for e in lines)
@@ -278,3 +280,17 @@ def test_one_twin_over_all_hosts_with_host_categories(tmp_path):
     assert pred.exit_code == 0, pred.output
     both = run("train", *map(str, files), "-o", tmp_path / "x", "--per-host", "--host-category")
     assert both.exit_code == 2 and "exclude each other" in both.stderr
+
+
+def test_the_watch_view_says_alarm_blind_or_ok_per_core():
+    from cputwin.cli import machine_panel
+    from cputwin.live.stream import CoreTick, Tick
+
+    tick = Tick(98.0, {}, cores=[
+        CoreTick("cpu_util_core_0", 98.0, 2.0, 0.4, blind=True),
+        CoreTick("cpu_util_core_1", 10.0, 80.0, 9.0, alarm=True, event="raise"),
+        CoreTick("cpu_util_core_2", 30.0, 1.0, 0.1)])
+    row = {"cpu_util_core_0": 100.0, "cpu_util_core_1": 90.0, "cpu_util_core_2": 31.0}
+    lines = machine_panel(row, tick, None, "independent", "idle").splitlines()
+    state = {line.split()[0]: line.split()[-1] for line in lines if line.startswith("core_")}
+    assert state == {"core_0": "[yellow]blind[/]", "core_1": "red]ALARM[/]", "core_2": "[green]ok[/]"}

@@ -824,7 +824,7 @@ def watch(
                                   title="cputwin watch · every core · Ctrl-C to stop"),
                             refresh=True)
             elif live:
-                state = "[bold red]ALARM[/]" if tick.alarm else "[green]ok[/]"
+                state = watch_state(tick)
                 twin_v = "…" if tick.prediction is None else f"{tick.prediction:6.1f}"
                 resid = "" if tick.residual is None else f"{tick.residual:+6.1f}"
                 score = "" if tick.score is None else f"{tick.score:5.2f}"
@@ -882,11 +882,19 @@ def machine_panel(row: dict, tick, detectors: dict | None, mode: str, workload: 
         sees = _points(detectors[name].power_for(workload)) if detectors else "-"
         resid = "" if core.residual is None else f"{core.residual:+8.1f}"
         score = "" if core.score is None else f"{core.score:8.2f}"
-        state = "[bold red]ALARM[/]" if core.alarm else "[green]ok[/]"
+        state = watch_state(core)
         lines.append(f"{short:<8}{row[name]:9.1f}{core.prediction:8.1f}{resid:>8}{score:>8}"
                      f"{thr:7.2f}{sees:>6}  {state}")
-    lines.append("sees: the smallest sustained extra load (points) that alarms within 2 s")
+    lines.append("sees: the smallest sustained extra load (points) that alarms within 2 s; "
+                 "blind: the twin expects the core too busy for that much more")
     return "\n".join(lines)
+
+
+def watch_state(tick) -> str:
+    """ALARM, blind (the core has no headroom for extra load to show) or ok."""
+    if tick.alarm:
+        return "[bold red]ALARM[/]"
+    return "[yellow]blind[/]" if tick.blind else "[green]ok[/]"
 
 
 @app.command(cls=Command)

@@ -28,7 +28,7 @@ from cputwin.models import TwinStack
 from cputwin.telemetry.collector import PartWriter, RowSampler, Sampler, merge_parts, reserve_run, ticks
 from cputwin.telemetry.schema import OVERALL, TIMESTAMP, WORKLOAD, WORKLOAD_CPU
 
-RECORD_FIELDS = ("prediction", "residual", "score", "alarm")
+RECORD_FIELDS = ("prediction", "residual", "score", "alarm", "blind")
 
 
 class Recorder:
@@ -42,21 +42,22 @@ class Recorder:
         names = ([f"{f}_{t}" for t in targets for f in RECORD_FIELDS] if targets
                  else list(RECORD_FIELDS))
         base = [pa.field(c, pa.float64()) for c in sampler.schema.column_order()[:-1]]
-        extra = [pa.field(n, pa.bool_() if n.startswith("alarm") else pa.float64()) for n in names]
+        extra = [pa.field(n, pa.bool_() if n.startswith(("alarm", "blind")) else pa.float64()) for n in names]
         self.writer = PartWriter(self.parts, pa.schema([*base, pa.field(WORKLOAD, pa.string()),
                                                         *extra]))
 
     def add(self, row: dict[str, Any], tick: Tick) -> None:
         if not self.targets:
             self.writer.add({**row, "prediction": tick.prediction, "residual": tick.residual,
-                             "score": tick.score, "alarm": tick.alarm})
+                             "score": tick.score, "alarm": tick.alarm, "blind": tick.blind})
             return
         verdicts = {}
         for core in tick.cores:
             verdicts.update({f"prediction_{core.target}": core.prediction,
                              f"residual_{core.target}": core.residual,
                              f"score_{core.target}": core.score,
-                             f"alarm_{core.target}": core.alarm})
+                             f"alarm_{core.target}": core.alarm,
+                             f"blind_{core.target}": core.blind})
         self.writer.add({**row, **verdicts})
 
     def close(self, meta: dict[str, Any]) -> Path:
