@@ -360,7 +360,7 @@ def test_metrics_pass_promtool_or_the_prometheus_parser(roomy):
     text = roomy.get("/metrics").text
     for family in ("cputwin_requests_total", "cputwin_request_seconds", "cputwin_streams",
                    "cputwin_observed", "cputwin_prediction", "cputwin_residual", "cputwin_score",
-                   "cputwin_alarm", "cputwin_alarms_total"):
+                   "cputwin_alarm", "cputwin_blind", "cputwin_alarms_total"):
         name = family.removesuffix("_total")
         assert f"# HELP {name}" in text and f"# TYPE {name}" in text, family
     assert 'cputwin_prediction{core="cpu_util_core_0",stream="prom"}' in text

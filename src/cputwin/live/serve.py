@@ -178,15 +178,17 @@ class CoreSeries(NamedTuple):
 class Metrics:
     """The service's Prometheus metrics, in a registry of its own (one per app).
 
-    Per stream and watched core: observed value, prediction, residual, score, alarm state
-    and raises; the series of a stream go when it expires, so at most the stream cap of
-    them exist."""
+    Per stream and watched core: observed value, prediction, residual, score, alarm state,
+    whether the detector is blind, and raises; the series of a stream go when it expires,
+    so at most the stream cap of them exist."""
 
     CORE_GAUGES = {"observed": "Observed utilisation of the core, percent.",
                    "prediction": "The twin's prediction of the core, percent.",
                    "residual": "Observed minus the twin, percentage points.",
                    "score": "The detector's smoothed anomaly score.",
-                   "alarm": "1 while the core's alarm is raised, else 0."}
+                   "alarm": "1 while the core's alarm is raised, else 0.",
+                   "blind": "1 while the twin expects the core too busy for the extra load "
+                            "that alarms to show (the detector is blind), else 0."}
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -222,6 +224,7 @@ class Metrics:
             for name in ("observed", "prediction", "residual", "score"):
                 children[name].set(math.nan)
             children["alarm"].set(0)
+            children["blind"].set(0)
             out[core] = CoreSeries(children, self.alarms.labels(stream_id, core))
         return out, self.last_sample.labels(stream_id)
 
@@ -566,6 +569,7 @@ def _step(entry: Entry, stream_id: str, samples: list[Sample], cores: np.ndarray
         gauges["residual"].set(math.nan if c.residual is None else c.residual)
         gauges["score"].set(math.nan if c.score is None else c.score)
         gauges["alarm"].set(c.alarm)
+        gauges["blind"].set(c.blind)
     entry.last_sample.set(time.time())
     return results
 
