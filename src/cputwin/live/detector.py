@@ -42,7 +42,8 @@ standardised by their own centre and scale, so one level means the same on every
 the core (utilisation points) that raises an alarm within `POWER_WINDOW_S` seconds in
 workload w. The score is one-sided by default (the core busier than the twin expects: a
 hidden process, a noisy neighbour); `two_sided` also catches a core quieter than
-expected (a stuck scheduler).
+expected (a stuck scheduler). Where the twin's value plus the power passes 100 %, extra
+load cannot show at all: each tick says so (`blind_at`, `Verdict.blind`).
 """
 
 from __future__ import annotations
