@@ -19,7 +19,6 @@ from cputwin.live.detector import (
     calibrate,
     calibrate_pooled,
     count_raises,
-    factorize,
     noise_floor,
     resolution_floor,
     rolling_median,
@@ -417,14 +416,6 @@ def test_durations_become_ticks_at_the_data_rate():
     ten = Detector().fit(_normal_minutes(4, seed=8), np.array(["w"] * 2400),
                          np.zeros(2400, int), rate_hz=10.0)
     assert (ten.window_ticks, ten.raise_ticks, ten.clear_ticks) == (5, 3, 10)
-
-
-@settings(max_examples=100, deadline=None)
-@given(labels=st.lists(st.sampled_from(["idle", "cpu_bound", "a", "", "ü b"]), max_size=60))
-def test_factorize_gives_each_row_its_label(labels):
-    names, codes = factorize(np.array(labels, dtype=object))
-    assert len(set(names)) == len(names) and set(names) == set(labels)
-    assert [names[c] for c in codes] == labels
 
 
 def test_the_detector_is_blind_where_the_core_has_no_headroom_for_its_power():

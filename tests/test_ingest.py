@@ -16,7 +16,7 @@ from cputwin import load_runs
 from cputwin.errors import DataError
 from cputwin.telemetry.collector import Collector
 from cputwin.telemetry.ingest import DataWarning, load_hosts, resample
-from cputwin.telemetry.schema import UNLABELLED
+from cputwin.telemetry.schema import UNLABELLED, factorize
 from helpers import synthetic_run, write_run
 
 
@@ -338,3 +338,11 @@ def test_resample_averages_each_runs_bins_and_never_mixes_runs(data):
         np.testing.assert_allclose((got["timestamp"] // step).to_numpy(), sorted(set(bins)))
         expected = [part["cpu_util_core_1"].to_numpy()[bins == b].mean() for b in sorted(set(bins))]
         np.testing.assert_allclose(got["cpu_util_core_1"].to_numpy(), expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(labels=st.lists(st.sampled_from(["idle", "cpu_bound", "a", "", "ü b"]), max_size=60))
+def test_factorize_gives_each_row_its_label(labels):
+    names, codes = factorize(np.array(labels, dtype=object))
+    assert len(set(names)) == len(names) and set(names) == set(labels)
+    assert [names[c] for c in codes] == labels

@@ -15,6 +15,7 @@ from cputwin.models.base import BUILTIN_BASES, BaseSpec
 from cputwin.models.meta import (
     GLOBAL,
     META_KINDS,
+    _convex_with_intercept,
     _nnls_with_intercept,
     choose_meta,
     fit_meta,
@@ -90,15 +91,17 @@ def test_every_meta_kind_fits_and_predicts(kind):
     rng = np.random.default_rng(0)
     y = rng.uniform(0, 100, 300)
     P = np.column_stack([y + rng.normal(0, s, 300) for s in (1, 5, 20)])
-    wl = np.array(["a", "b", "c"] * 100)
+    wl = np.array(["c", "a", "b"] * 100)
     meta = fit_meta(kind, ["x", "y", "z"], P, y, wl)
     pred = meta.predict(P, wl)
     assert pred.shape == y.shape and np.isfinite(pred).all()
     assert np.corrcoef(pred, y)[0, 1] > 0.9
     if kind in ("nnls", "per_workload", "best", "top_mean", "average"):
         assert all((w >= 0).all() for w in meta.weights.values())
-    if kind == "per_workload":
-        assert set(meta.weights) == {GLOBAL, "a", "b", "c"}
+    if kind == "per_workload":  # in the labels' order, whatever order the rows give
+        assert list(meta.weights) == [GLOBAL, "a", "b", "c"]
+        w, b = _convex_with_intercept(P[wl == "b"], y[wl == "b"])
+        assert np.allclose(meta.weights["b"], w) and meta.intercepts["b"] == pytest.approx(b)
 
 
 def test_a_per_workload_meta_model_keeps_following_its_bases():

@@ -225,3 +225,24 @@ def test_fits_side_by_side_give_the_twin_of_fits_one_after_another(sample_frame)
     assert rows.threads(alone.base_params_) == 1
     np.testing.assert_array_equal(together.oof_predictions_, alone.oof_predictions_)
     np.testing.assert_array_equal(together.predict(sample_frame), alone.predict(sample_frame))
+
+
+def test_binning_reads_the_valid_rows_or_lightgbms_sample_of_them(sample_frame):
+    """The shared Dataset holds every row (the matrices are binned where they lie), its
+    bins chosen from valid rows only: rows without full history would give their lags a
+    missing-value bin. Past `bin_construct_sample_cnt` rows, from a seeded sample."""
+    quick = {"n_estimators": 5, "bin_construct_sample_cnt": 400}
+    stack = TwinStack(bases=["physics_linear", "gbm_pooled"],
+                      base_params={"gbm_pooled": quick}).fit(sample_frame)
+    rows = LocalRows(stack, sample_frame)
+    cores = stack.schema_.n_cores
+    shaping = dataset_params(stack.base_params_["gbm_pooled"])
+    sample = rows._bin_sample(1, shaping)
+    assert sample.size == 400 // cores and rows.valid[sample].all() and (np.diff(sample) > 0).all()
+    np.testing.assert_array_equal(sample, rows._bin_sample(1, shaping))
+    assert not rows.valid.all()
+    full = rows.binned(1, stack.base_params_["gbm_pooled"], 1)
+    assert full.num_data() == rows.valid.size * cores
+    alone = lgb.Dataset(*rows.rows(1, sample), params=shaping).construct()
+    assert ([full.feature_num_bin(i) for i in range(full.num_feature())]
+            == [alone.feature_num_bin(i) for i in range(alone.num_feature())])

@@ -29,6 +29,7 @@ from sklearn.base import clone
 from sklearn.linear_model import RidgeCV
 
 from cputwin.errors import ModelError
+from cputwin.telemetry.schema import factorize
 
 META_KINDS = ("auto", "ridge", "nnls", "best", "average", "top_mean", "per_workload")
 AUTO_CANDIDATES = ("best", "top_mean", "average", "nnls", "ridge", "per_workload")  # simplest first
@@ -140,10 +141,11 @@ def fit_meta(kind: str | Any, names: list[str], P: np.ndarray, y: np.ndarray,
     if kind == "per_workload":
         w, b = _nnls_with_intercept(P, y)
         weights, intercepts = {GLOBAL: w}, {GLOBAL: b}
-        for wl in np.unique(workloads):
-            rows = workloads == wl
+        labels, codes = factorize(workloads)
+        for i in sorted(range(len(labels)), key=labels.__getitem__):
+            rows = codes == i
             if rows.sum() >= MIN_ROWS_PER_WORKLOAD:
-                weights[str(wl)], intercepts[str(wl)] = _convex_with_intercept(P[rows], y[rows])
+                weights[labels[i]], intercepts[labels[i]] = _convex_with_intercept(P[rows], y[rows])
         return LinearMeta(kind, names, weights, intercepts)
     raise ModelError(f"meta_model must be one of {', '.join(META_KINDS)} or a scikit-learn "
                      f"linear regressor, got {kind!r}")
