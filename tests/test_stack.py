@@ -228,9 +228,10 @@ def test_fits_side_by_side_give_the_twin_of_fits_one_after_another(sample_frame)
 
 
 def test_binning_reads_the_valid_rows_or_lightgbms_sample_of_them(sample_frame):
-    """The shared Dataset holds every row (the matrices are binned where they lie), its
-    bins chosen from valid rows only: rows without full history would give their lags a
-    missing-value bin. Past `bin_construct_sample_cnt` rows, from a seeded sample."""
+    """The shared Dataset's bins come from valid rows only (rows without full history
+    would give their lags a missing-value bin). Past `bin_construct_sample_cnt` rows they
+    come from a seeded sample, and the Dataset holds every row: the matrices are binned
+    where they lie, not copied."""
     quick = {"n_estimators": 5, "bin_construct_sample_cnt": 400}
     stack = TwinStack(bases=["physics_linear", "gbm_pooled"],
                       base_params={"gbm_pooled": quick}).fit(sample_frame)
@@ -241,8 +242,12 @@ def test_binning_reads_the_valid_rows_or_lightgbms_sample_of_them(sample_frame):
     assert sample.size == 400 // cores and rows.valid[sample].all() and (np.diff(sample) > 0).all()
     np.testing.assert_array_equal(sample, rows._bin_sample(1, shaping))
     assert not rows.valid.all()
-    full = rows.binned(1, stack.base_params_["gbm_pooled"], 1)
-    assert full.num_data() == rows.valid.size * cores
+    full, where = rows.binned(1, stack.base_params_["gbm_pooled"], 1)
+    assert full.num_data() == rows.valid.size * cores and where is None
     alone = lgb.Dataset(*rows.rows(1, sample), params=shaping).construct()
     assert ([full.feature_num_bin(i) for i in range(full.num_feature())]
             == [alone.feature_num_bin(i) for i in range(alone.num_feature())])
+    # below the sample size LightGBM reads every valid row: it bins a copy of those alone
+    small, where = rows.binned(1, {**stack.base_params_["gbm_pooled"],
+                                   "bin_construct_sample_cnt": 200_000}, 1)
+    assert small.num_data() == rows.valid.sum() * cores and (where >= 0).sum() == small.num_data()

@@ -286,7 +286,7 @@ class TwinStack(RegressorMixin, BaseEstimator):
         def task(key: Any, j: int, message: str, train: np.ndarray, run: Callable,
                  first: bool = False) -> Task:
             spec = self.base_specs_[j]
-            cost = train.size * (len(self.targets_) if spec.pooled and not self.machine_ else 1)
+            cost = train.size * (self.schema_.n_cores if spec.pooled and not self.machine_ else 1)
             if spec.learner == "lgbm":
                 cost *= params[spec.name]["n_estimators"]
             return Task(key, spec.name, message, float(cost), run, first)
@@ -656,7 +656,7 @@ class LocalRows:
     a pooled base, whose training rows are every core's rows as targets).
 
     Bases that share a feature set share its matrices, and their LightGBM fits share one
-    binned Dataset of every row: a fold trains on a subset of it, so the binning is
+    binned Dataset: a fold trains on a subset of it, so the binning is
     done once per feature set, not once per fold and base."""
 
     can_stop_early = True
@@ -691,7 +691,7 @@ class LocalRows:
                 for core in self.stack.schema_.core_columns]
 
     def _init_datasets(self) -> None:
-        self._datasets: dict[Any, lgb.Dataset] = {}
+        self._datasets: dict[Any, tuple[lgb.Dataset, np.ndarray | None]] = {}
         self._lock = threading.Lock()
 
     def threads(self, params: dict[str, dict[str, Any]]) -> int:
@@ -718,31 +718,42 @@ class LocalRows:
             return views[0][0][rows], views[0][1][rows]
         return np.vstack([X[rows] for X, _ in views]), np.concatenate([y[rows] for _, y in views])
 
-    def binned(self, j: int, params: dict[str, Any], threads: int) -> lgb.Dataset:
-        """The binned Dataset of base j's design and binning parameters (binned on
-        `threads` the first time it is asked for).
+    def binned(self, j: int, params: dict[str, Any],
+               threads: int) -> tuple[lgb.Dataset, np.ndarray | None]:
+        """The binned Dataset for base j's design and binning parameters (binned on
+        `threads` the first time it is asked for), and where each stacked row lies in it
+        (None: where it lies in the stack).
 
-        It holds every stacked row, those without full history too (no fit trains on
-        them), so LightGBM bins the feature matrices where they lie instead of a copy of
-        their valid rows (at ten million rows a 3 GB copy whose fresh memory cost as long
-        as the binning). The bins come from the valid rows alone, as LightGBM would choose
-        them from those rows (all of them, or its sample of them): the missing lags of
-        the others would give features a missing-value bin, and each split search a
-        second pass over it."""
+        Its bins come from the valid rows alone, as LightGBM would choose them from those
+        rows (the missing lags of the others would give features a missing-value bin, and
+        each split search a second pass over it). Where LightGBM reads them all, it bins a
+        copy of them; past its sample, it bins the feature matrices where they lie, every
+        row, with the bins of its sample (at ten million rows the copy of the valid rows,
+        3 GB of fresh memory, cost as long as the binning)."""
         shaping = dataset_params(params)
         key = (self._design(j)[0], tuple(sorted(shaping.items())))
         with self._lock:
             if key not in self._datasets:
-                views = self.views[j]
-                matrices = [X for X, _ in views]
-                build = {**shaping, "num_threads": threads}
-                reference = lgb.Dataset(*self.rows(j, self._bin_sample(j, shaping)),
-                                        feature_name=self.mats[j].names, params=build)
-                self._datasets[key] = lgb.Dataset(
-                    matrices if len(matrices) > 1 else matrices[0],
-                    np.concatenate([y for _, y in views]), feature_name=self.mats[j].names,
-                    reference=reference, params=build, free_raw_data=True).construct()
+                self._datasets[key] = self._bin(j, shaping, {**shaping, "num_threads": threads})
             return self._datasets[key]
+
+    def _bin(self, j: int, shaping: dict[str, Any],
+             build: dict[str, Any]) -> tuple[lgb.Dataset, np.ndarray | None]:
+        every = np.flatnonzero(self.valid)
+        sample = self._bin_sample(j, shaping)
+        names = self.mats[j].names
+        if sample.size == every.size:
+            dataset = lgb.Dataset(*self.rows(j, every), feature_name=names, params=build,
+                                  free_raw_data=True).construct()
+            where = np.full(self.valid.size * self._design(j)[1], -1, dtype=np.int64)
+            where[self._expand(j, every)] = np.arange(self._expand(j, every).size)
+            return dataset, where
+        views = self.views[j]
+        matrices = [X for X, _ in views]
+        reference = lgb.Dataset(*self.rows(j, sample), feature_name=names, params=build)
+        return lgb.Dataset(matrices if len(matrices) > 1 else matrices[0],
+                           np.concatenate([y for _, y in views]), feature_name=names,
+                           reference=reference, params=build, free_raw_data=True).construct(), None
 
     def _bin_sample(self, j: int, shaping: dict[str, Any]) -> np.ndarray:
         """The frame rows whose values choose base j's bins: every valid one, or as many
@@ -771,13 +782,14 @@ class LocalRows:
         process-wide OpenMP thread count that each call sets, so a subset built inside a
         fit with the binning's count while other fits run on theirs crashed the process
         (segmentation fault in LGBM_DatasetGetSubset beside LGBM_BoosterCreate)."""
-        full = self.binned(j, params, self.threads({"": params}))
+        full, where = self.binned(j, params, self.threads({"": params}))
+        index = self._expand(j, rows) if where is None else where[self._expand(j, rows)]
         threads = int(params.get("n_jobs") or 0)
         subset_params = None if threads <= 0 else {
             **full.params, **{k: v for k, v in params.items() if k not in ("n_estimators", "n_jobs")},
             "num_threads": threads}  # the fit's parameters, which LightGBM checks against these
         with self._lock:
-            return full.subset(self._expand(j, rows).astype(np.int32),
+            return full.subset(index.astype(np.int32),
                                params=subset_params).construct()
 
     def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round,
