@@ -201,27 +201,51 @@ def train_lgbm(
     params: dict[str, Any],
     train_set: lgb.Dataset,
     on_round: Callable[[float], None] | None = None,
-    valid_set: lgb.Dataset | None = None,
     stop: RoundsTold | None = None,
 ) -> lgb.Booster:
     """`fit_lgbm` on a ready Dataset (a fold's subset of one binned Dataset, so the
     binning is done once for all folds): LightGBM's native API, which reads the
-    scikit-learn names in `params` as aliases. With `valid_set`, stop early on l1
-    after 100 flat rounds and keep the best round count; with `stop`, end at the round
-    count it tells (`stop_when_told`)."""
+    scikit-learn names in `params` as aliases. With `stop`, end at the round count it
+    tells (`stop_when_told`)."""
     params = dict(params)
     rounds = int(params.pop("n_estimators", 100))
-    callbacks = [] if on_round is None else [
-        lambda env: on_round((env.iteration + 1 - env.begin_iteration)
-                             / max(env.end_iteration - env.begin_iteration, 1))]
+    callbacks = _progress(on_round)
     if stop is not None:
         callbacks.append(stop_when_told(stop))
-    if valid_set is None:
-        return lgb.train(params, train_set, num_boost_round=rounds, callbacks=callbacks)
-    params["metric"] = EARLY_STOPPING_METRIC
-    return lgb.train(params, train_set, num_boost_round=rounds, valid_sets=[valid_set],
-                     callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False),
-                                *callbacks])
+    return lgb.train(params, train_set, num_boost_round=rounds, callbacks=callbacks)
+
+
+def train_lgbm_stopping(params: dict[str, Any], train_set: lgb.Dataset, valid_set: lgb.Dataset,
+                        on_round: Callable[[float], None] | None = None
+                        ) -> tuple[lgb.Booster, np.ndarray]:
+    """`train_lgbm` stopped early on l1 over `valid_set` after 100 flat rounds, keeping the
+    best round count, and its predictions of `valid_set` at that round: LightGBM scores
+    those rows round by round to stop, so they are kept as it goes (when the error falls)
+    rather than predicted again afterwards, a second pass over rows that may be millions."""
+    params = {**params, "metric": EARLY_STOPPING_METRIC}
+    rounds = int(params.pop("n_estimators", 100))
+    kept: dict[str, Any] = {"error": np.inf, "predictions": None}
+
+    def keep(predictions: np.ndarray, _: Any) -> tuple[str, float, bool]:
+        kept["predictions"] = np.array(predictions, dtype=float)
+        return "kept", 0.0, False
+
+    def keep_best(env: Any) -> None:
+        error = env.evaluation_result_list[0][2]
+        if error < kept["error"]:  # as lgb.early_stopping counts a round better
+            kept["error"] = error
+            env.model.eval_valid(keep)
+
+    booster = lgb.train(params, train_set, num_boost_round=rounds, valid_sets=[valid_set],
+                        callbacks=[keep_best, lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False),
+                                   *_progress(on_round)])
+    return booster, kept["predictions"]
+
+
+def _progress(on_round: Callable[[float], None] | None) -> list[Callable[[Any], None]]:
+    return [] if on_round is None else [
+        lambda env: on_round((env.iteration + 1 - env.begin_iteration)
+                             / max(env.end_iteration - env.begin_iteration, 1))]
 
 
 class FittedBase(Protocol):

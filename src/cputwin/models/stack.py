@@ -39,6 +39,7 @@ from cputwin.models.base import (
     params_for,
     resolve_bases,
     train_lgbm,
+    train_lgbm_stopping,
 )
 from cputwin.models.meta import META_KINDS, LinearMeta, choose_meta, fit_meta
 from cputwin.telemetry.ingest import DataWarning, sample_step, schema_of
@@ -47,6 +48,7 @@ from cputwin.telemetry.schema import HOST, RUN_COLUMN, WORKLOAD, Schema
 ALL_CORES = "all"
 Progress = Callable[[str, float], None]  # (what is running, fraction of fit done)
 FEATURE_DTYPES = {"float64": np.float64, "float32": np.float32}
+PREDICT_CHUNK_ROWS = 1 << 16  # rows of a fold's block gathered at a time to predict
 
 
 def _noop(_: str, __: float) -> None:
@@ -802,17 +804,19 @@ class LocalRows:
         return LightGBMModel(spec.name, self.mats[j].names, booster)
 
     def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray:
-        return model.predict(self.mats[j].X[rows])
+        """Base j's predictions of some rows, gathered a chunk at a time: one copy of a
+        fold's block, at millions of rows, is gigabytes of fresh memory."""
+        X = self.mats[j].X
+        chunks = np.array_split(rows, max(1, -(-rows.size // PREDICT_CHUNK_ROWS)))
+        return np.concatenate([model.predict(X[chunk]) for chunk in chunks])
 
     def fit_stopping(self, j: int, params: dict[str, Any], train: np.ndarray, val: np.ndarray,
                      on_round) -> tuple[int, np.ndarray]:
         """Base j trained on `train`, stopped early on `val`: the rounds it chose, and its
         predictions of `val` at those rounds."""
-        booster = train_lgbm(params, self.dataset(j, params, train), on_round,
-                             valid_set=self.dataset(j, params, val))
-        rounds = max(int(booster.best_iteration or params["n_estimators"]), 1)
-        model = LightGBMModel(self.stack.base_specs_[j].name, self.mats[j].names, booster)
-        return rounds, self.predict(j, model, val)
+        booster, predictions = train_lgbm_stopping(params, self.dataset(j, params, train),
+                                                   self.dataset(j, params, val), on_round)
+        return max(int(booster.best_iteration or params["n_estimators"]), 1), predictions
 
 
 class PooledRows(LocalRows):
