@@ -12,7 +12,13 @@ from conftest import FAST
 from cputwin import TwinStack
 from cputwin.contract import ContractError
 from cputwin.errors import ModelError
-from cputwin.models.base import dataset_params, fit_lgbm, params_for, train_lgbm
+from cputwin.models.base import (
+    dataset_params,
+    fit_lgbm,
+    params_for,
+    train_lgbm,
+    train_lgbm_stopping,
+)
 from cputwin.models.stack import LocalRows
 from helpers import synthetic_run
 
@@ -134,6 +140,21 @@ def test_a_fit_told_its_rounds_while_it_runs_is_the_fit_of_those_rounds(told_aft
     assert len(asked) == told_after and asked[-1] == (told_after == 20)
     assert cut.num_trees() == 7
     assert _trees(cut) == _trees(exact)
+
+
+@pytest.mark.parametrize("rounds, rate", [(15, 0.05), (400, 0.3)])  # to the last round; stopped
+def test_early_stopping_keeps_the_predictions_of_its_best_round(rounds, rate):
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(3000, 5))
+    y = X[:, 0] + rng.normal(scale=1.0, size=3000)
+    params = params_for("v2.3", {"n_estimators": rounds, "learning_rate": rate, "n_jobs": 1})
+    data = lgb.Dataset(X, y, params=dataset_params(params)).construct()
+    train, val = np.arange(2400, dtype=np.int32), np.arange(2400, 3000, dtype=np.int32)
+    booster, kept = train_lgbm_stopping(params, data.subset(train), data.subset(val))
+    best = booster.best_iteration
+    assert (best == rounds) if rounds == 15 else (1 <= best < rounds - 50)
+    np.testing.assert_allclose(kept, booster.predict(X[2400:], num_iteration=best),
+                               rtol=0, atol=1e-9)
 
 
 def test_fits_beside_the_early_stop_give_the_twin_of_fits_after_it(sample_frame):

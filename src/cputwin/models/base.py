@@ -217,11 +217,12 @@ def train_lgbm(
 
 def train_lgbm_stopping(params: dict[str, Any], train_set: lgb.Dataset, valid_set: lgb.Dataset,
                         on_round: Callable[[float], None] | None = None
-                        ) -> tuple[lgb.Booster, np.ndarray]:
+                        ) -> tuple[lgb.Booster, np.ndarray | None]:
     """`train_lgbm` stopped early on l1 over `valid_set` after 100 flat rounds, keeping the
     best round count, and its predictions of `valid_set` at that round: LightGBM scores
     those rows round by round to stop, so they are kept as it goes (when the error falls)
-    rather than predicted again afterwards, a second pass over rows that may be millions."""
+    rather than predicted again afterwards, a second pass over rows that may be millions
+    (None where no round's error was a number)."""
     params = {**params, "metric": EARLY_STOPPING_METRIC}
     rounds = int(params.pop("n_estimators", 100))
     kept: dict[str, Any] = {"error": np.inf, "predictions": None}

@@ -816,6 +816,9 @@ class LocalRows:
         predictions of `val` at those rounds."""
         booster, predictions = train_lgbm_stopping(params, self.dataset(j, params, train),
                                                    self.dataset(j, params, val), on_round)
+        if predictions is None:  # no round scored (a non-finite error): predict them
+            model = LightGBMModel(self.stack.base_specs_[j].name, self.mats[j].names, booster)
+            predictions = self.predict(j, model, val)
         return max(int(booster.best_iteration or params["n_estimators"]), 1), predictions
 
 
