@@ -19,7 +19,7 @@ from cputwin.models.base import (
     train_lgbm,
     train_lgbm_stopping,
 )
-from cputwin.models.stack import LocalRows
+from cputwin.models.stack import LocalRows, SharedFits
 from helpers import synthetic_run
 
 SEED_PAIR = {"bases": "seed", "meta_model": "ridge"}  # TwinStack's defaults are the CLI's
@@ -272,3 +272,25 @@ def test_binning_reads_the_valid_rows_or_lightgbms_sample_of_them(sample_frame):
     small, where = rows.binned(1, {**stack.base_params_["gbm_pooled"],
                                    "bin_construct_sample_cnt": 200_000}, 1)
     assert small.num_data() == rows.valid.sum() * cores and (where >= 0).sum() == small.num_data()
+
+
+def test_the_twins_of_two_cores_share_their_pooled_fits_and_nothing_else(sample_frame):
+    """A pooled base learns from every core's rows whatever the target: the twins of
+    several cores of one frame fit it once (`evaluate --target all`) and are the twins
+    they would be alone."""
+    bases = ["physics_linear", "gbm_l2", "gbm_pooled"]
+    quick = {b: {"n_estimators": 20} for b in bases[1:]}
+    shared = SharedFits()
+    together = [TwinStack(bases=bases, target=t, base_params=quick).fit(sample_frame, shared=shared)
+                for t in ("cpu_util_core_0", "cpu_util_core_1")]
+    alone = [TwinStack(bases=bases, target=t, base_params=quick).fit(sample_frame)
+             for t in ("cpu_util_core_0", "cpu_util_core_1")]
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_array_equal(a.oof_predictions_, b.oof_predictions_)
+        np.testing.assert_array_equal(a.predict(sample_frame), b.predict(sample_frame))
+    assert together[0].bases_[2] is together[1].bases_[2]  # the pooled refit, once
+    assert together[0].bases_[1] is not together[1].bases_[1]
+    other = sample_frame.with_columns(pl.col("cpu_util_core_1") * 0.5)
+    with pytest.raises(ModelError, match="one training frame"):
+        TwinStack(bases=bases, base_params=quick).fit(other, shared=shared)
+

@@ -53,7 +53,7 @@ from cputwin.live.twin import Twin, open_twin  # noqa: F401 (part of the pipelin
 from cputwin.models import TwinStack
 from cputwin.models.base import params_for, resolve_bases
 from cputwin.models.cluster import run_each
-from cputwin.models.stack import ALL_CORES, Progress
+from cputwin.models.stack import ALL_CORES, Progress, SharedFits
 from cputwin.output import check_file, check_folder, write_atomic
 from cputwin.telemetry.collector import file_safe
 from cputwin.telemetry.ingest import DataWarning, host_of, load_runs, resolve_paths, schema_of
@@ -167,6 +167,11 @@ def evaluate(
         raise DataError("--target all and --test use the honest protocol; drop --protocol")
     summaries, evaluations = {}, []
     with fitter(dask) as fit:
+        if dask is None and len(targets) > 1:  # every core's twin: pooled bases fitted once
+            shared = SharedFits()
+
+            def fit(stack: TwinStack, train: pl.DataFrame, progress: Progress | None = None):
+                return local_fit(stack, train, progress, shared)
         for t in targets:
             report = partial(progress, t) if progress and len(targets) > 1 else progress
             one, runs = _evaluate_target(frame, test_frame, t, protocol, train_fraction, report,

@@ -27,6 +27,7 @@ from cputwin.evaluation.summary import MetaSummary, ProtocolSummary, Rows
 from cputwin.features import build_features, get_spec
 from cputwin.models import TwinStack
 from cputwin.models.base import fit_lgbm, params_for
+from cputwin.models.stack import SharedFits
 from cputwin.telemetry.ingest import schema_of
 from cputwin.telemetry.schema import HOST, RUN_COLUMN, TIMESTAMP, WORKLOAD
 
@@ -54,8 +55,9 @@ def split_in_time(frame: pl.DataFrame, train_fraction: float) -> pl.Series:
     return frame.select((pos < cut).alias("train"))["train"]
 
 
-def local_fit(stack: TwinStack, frame: pl.DataFrame, progress=None) -> TwinStack:
-    return stack.fit(frame, progress=progress)
+def local_fit(stack: TwinStack, frame: pl.DataFrame, progress=None,
+              shared: SharedFits | None = None) -> TwinStack:
+    return stack.fit(frame, progress=progress, shared=shared)
 
 
 def evaluate_honest(

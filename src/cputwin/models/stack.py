@@ -10,6 +10,8 @@ cannot do this: `cross_val_predict` needs folds that partition the data.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import warnings
@@ -221,10 +223,13 @@ class TwinStack(RegressorMixin, BaseEstimator):
         return tags
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: pl.DataFrame, y: Any = None, progress: Progress | None = None) -> TwinStack:
-        """Fit on a telemetry frame (as `load_runs` gives); `y` is read from `target`."""
+    def fit(self, X: pl.DataFrame, y: Any = None, progress: Progress | None = None,
+            shared: SharedFits | None = None) -> TwinStack:
+        """Fit on a telemetry frame (as `load_runs` gives); `y` is read from `target`.
+        shared: the pooled bases' work, kept for the twins of the other cores of the same
+        frame (`SharedFits`)."""
         self.prepare(X)
-        rows = PooledRows(self, X) if self.machine_ else LocalRows(self, X)
+        rows = PooledRows(self, X) if self.machine_ else LocalRows(self, X, shared)
         return self.fit_from(rows, progress)
 
     @property
@@ -653,6 +658,43 @@ class TrainingRows(Protocol):
                      on_round) -> tuple[int, np.ndarray]: ...
 
 
+def _features_key(spec: BaseSpec) -> str:
+    return json.dumps(spec.features.to_dict(), sort_keys=True)
+
+
+class SharedFits:
+    """What the twins of one machine's cores, trained on one frame, have in common (the
+    twin of each core: `cputwin evaluate --target all`): a pooled base learns from every
+    core's rows whatever its target, so its feature matrices, binned Dataset, fold fits
+    and refit are the same for every core's twin. Kept here, each is built for the first
+    core and reused by the others, which only predict their own core's rows with it.
+
+    Only for stacks fitted on one training frame: `LocalRows` checks it by the frame's
+    row hashes."""
+
+    def __init__(self) -> None:
+        self._kept: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+        self.frame_key: Any = None
+
+    def check_frame(self, frame: pl.DataFrame) -> None:
+        key = (frame.height, tuple(frame.columns), int(frame.hash_rows(seed=0).sum()))
+        if self.frame_key is None:
+            self.frame_key = key
+        elif key != self.frame_key:
+            raise ModelError("fits are shared only between twins of one training frame")
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The thing kept under `key`, built the first time it is asked for (keys are
+        distinct among fits that run side by side, so nothing is built twice)."""
+        with self._lock:
+            if key in self._kept:
+                return self._kept[key]
+        value = build()
+        with self._lock:
+            return self._kept.setdefault(key, value)
+
+
 class LocalRows:
     """Training rows in this process: one feature matrix per feature set (and per core for
     a pooled base, whose training rows are every core's rows as targets).
@@ -663,8 +705,12 @@ class LocalRows:
 
     can_stop_early = True
 
-    def __init__(self, stack: TwinStack, frame: pl.DataFrame) -> None:
+    def __init__(self, stack: TwinStack, frame: pl.DataFrame,
+                 shared: SharedFits | None = None) -> None:
         self.stack = stack
+        self.shared = shared
+        if shared is not None:
+            shared.check_frame(frame)
         self._built: list[tuple[Any, str, FeatureMatrix]] = []
         self.mats = [self._matrix(frame, spec, stack.target) for spec in stack.base_specs_]
         self.valid = np.logical_and.reduce([m.valid for m in self.mats])
@@ -689,6 +735,10 @@ class LocalRows:
         """(X, y) pairs a base trains on: the target's, or every core's for a pooled base."""
         if not spec.pooled:
             return [(mat.X, self.target)]
+        if self.shared is not None:
+            return self.shared.get(("views", _features_key(spec)), lambda: [
+                (self._matrix(frame, spec, core).X, frame[core].to_numpy())
+                for core in self.stack.schema_.core_columns])
         return [(self._matrix(frame, spec, core).X, frame[core].to_numpy())
                 for core in self.stack.schema_.core_columns]
 
@@ -736,8 +786,15 @@ class LocalRows:
         key = (self._design(j)[0], tuple(sorted(shaping.items())))
         with self._lock:
             if key not in self._datasets:
-                self._datasets[key] = self._bin(j, shaping, {**shaping, "num_threads": threads})
+                build = {**shaping, "num_threads": threads}
+                self._datasets[key] = (self._bin(j, shaping, build) if not self._is_shared(j)
+                                       else self.shared.get(("binned", key),
+                                                            lambda: self._bin(j, shaping, build)))
             return self._datasets[key]
+
+    def _is_shared(self, j: int) -> bool:
+        """Base j's work is the same for every core's twin (pooled), and kept for them."""
+        return self.shared is not None and self.stack.base_specs_[j].pooled
 
     def _bin(self, j: int, shaping: dict[str, Any],
              build: dict[str, Any]) -> tuple[lgb.Dataset, np.ndarray | None]:
@@ -797,6 +854,16 @@ class LocalRows:
     def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round,
             stop: RoundsTold | None = None) -> FittedBase:
         """Base j trained on some rows; `stop` tells it, while it runs, where to end."""
+        if self._is_shared(j) and stop is None:
+            spec = self.stack.base_specs_[j]
+            key = ("fit", spec.name, _features_key(spec), spec.learner,
+                   json.dumps(params, sort_keys=True, default=str),
+                   hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest())
+            return self.shared.get(key, lambda: self._fit(j, params, rows, on_round, stop))
+        return self._fit(j, params, rows, on_round, stop)
+
+    def _fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round,
+             stop: RoundsTold | None) -> FittedBase:
         spec = self.stack.base_specs_[j]
         if spec.learner != "lgbm":
             return fit_base(spec, params, *self.rows(j, rows), self.mats[j].names)
@@ -830,6 +897,7 @@ class PooledRows(LocalRows):
 
     def __init__(self, stack: TwinStack, frame: pl.DataFrame) -> None:
         self.stack = stack
+        self.shared = None  # one stack for every core: nothing to share with another
         self._built = []
         cores = stack.targets_
         per_core = [[self._matrix(frame, base, core) for base in stack.base_specs_]
