@@ -662,6 +662,11 @@ def _features_key(spec: BaseSpec) -> str:
     return json.dumps(spec.features.to_dict(), sort_keys=True)
 
 
+def _digest(values: np.ndarray) -> str:
+    """A key for an array's contents (rows a fit trains on, the rows a Dataset binned)."""
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
 class SharedFits:
     """What the twins of one machine's cores, trained on one frame, have in common (the
     twin of each core: `cputwin evaluate --target all`): a pooled base learns from every
@@ -788,7 +793,7 @@ class LocalRows:
             if key not in self._datasets:
                 build = {**shaping, "num_threads": threads}
                 self._datasets[key] = (self._bin(j, shaping, build) if not self._is_shared(j)
-                                       else self.shared.get(("binned", key),
+                                       else self.shared.get(("binned", key, _digest(self.valid)),
                                                             lambda: self._bin(j, shaping, build)))
             return self._datasets[key]
 
@@ -858,7 +863,7 @@ class LocalRows:
             spec = self.stack.base_specs_[j]
             key = ("fit", spec.name, _features_key(spec), spec.learner,
                    json.dumps(params, sort_keys=True, default=str),
-                   hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest())
+                   _digest(rows))
             return self.shared.get(key, lambda: self._fit(j, params, rows, on_round, stop))
         return self._fit(j, params, rows, on_round, stop)
 
