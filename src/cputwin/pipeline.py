@@ -6,6 +6,7 @@ callback taking a short message.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -168,10 +169,7 @@ def evaluate(
     summaries, evaluations = {}, []
     with fitter(dask) as fit:
         if dask is None and len(targets) > 1:  # every core's twin: pooled bases fitted once
-            shared = SharedFits()
-
-            def fit(stack: TwinStack, train: pl.DataFrame, progress: Progress | None = None):
-                return local_fit(stack, train, progress, shared)
+            fit = functools.partial(local_fit, shared=SharedFits())
         for t in targets:
             report = partial(progress, t) if progress and len(targets) > 1 else progress
             one, runs = _evaluate_target(frame, test_frame, t, protocol, train_fraction, report,

@@ -740,12 +740,14 @@ class LocalRows:
         """(X, y) pairs a base trains on: the target's, or every core's for a pooled base."""
         if not spec.pooled:
             return [(mat.X, self.target)]
-        if self.shared is not None:
-            return self.shared.get(("views", _features_key(spec)), lambda: [
-                (self._matrix(frame, spec, core).X, frame[core].to_numpy())
-                for core in self.stack.schema_.core_columns])
-        return [(self._matrix(frame, spec, core).X, frame[core].to_numpy())
-                for core in self.stack.schema_.core_columns]
+
+        def every_core() -> list[tuple[np.ndarray, np.ndarray]]:
+            return [(self._matrix(frame, spec, core).X, frame[core].to_numpy())
+                    for core in self.stack.schema_.core_columns]
+
+        if self.shared is None:
+            return every_core()
+        return self.shared.get(("views", _features_key(spec)), every_core)
 
     def _init_datasets(self) -> None:
         self._datasets: dict[Any, tuple[lgb.Dataset, np.ndarray | None]] = {}
@@ -792,9 +794,12 @@ class LocalRows:
         with self._lock:
             if key not in self._datasets:
                 build = {**shaping, "num_threads": threads}
-                self._datasets[key] = (self._bin(j, shaping, build) if not self._is_shared(j)
-                                       else self.shared.get(("binned", key, _digest(self.valid)),
-                                                            lambda: self._bin(j, shaping, build)))
+
+                def binned() -> tuple[lgb.Dataset, np.ndarray | None]:
+                    return self._bin(j, shaping, build)
+
+                self._datasets[key] = (self.shared.get(("binned", key, _digest(self.valid)), binned)
+                                       if self._is_shared(j) else binned())
             return self._datasets[key]
 
     def _is_shared(self, j: int) -> bool:
