@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -64,6 +65,52 @@ def test_dask_twin_scores_within_0_01_of_one_machine(sample_frame, client):
             fit=lambda st, fr, pr=None: fit_on_dask(st, fr, client, pr, n_parts=3))
     assert there.summary.r2["stack"] == pytest.approx(here.summary.r2["stack"], abs=0.01)
     assert stack.fold_plan_ and stack.oof_predictions_.shape[1] == len(BASES)
+    assert here.summary.rows == there.summary.rows
+
+
+def _crash_rank_0_at_round(n: int, once: str) -> None:
+    """In a worker: this process kills itself with SIGSEGV at the n-th boosting round it
+    runs as rank 0 of LightGBM's network (as LightGBM's network training now and then does),
+    so its peer loses the socket mid-fit; only the first worker to create the file `once`."""
+    import signal
+
+    import lightgbm
+
+    update, rounds = lightgbm.Booster.update, []
+
+    def crashing(self, *args, **kwargs):
+        machines, port = self.params.get("machines", ""), self.params.get("local_listen_port")
+        if machines.split(",")[0].endswith(f":{port}"):
+            rounds.append(1)
+            if len(rounds) == n and _created(once):
+                os.kill(os.getpid(), signal.SIGSEGV)
+        return update(self, *args, **kwargs)
+
+    lightgbm.Booster.update = crashing
+
+
+def _created(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+def test_a_fit_goes_on_when_a_worker_crashes_in_lightgbm(sample_frame, tmp_path):
+    bases = ["physics_linear", "gbm_l2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        here, _ = evaluate_honest(sample_frame, make_stack(bases=bases, max_rounds=60))
+    with connect("local:2") as crashing:
+        before = set(crashing.run(os.getpid).values())
+        crashing.run(_crash_rank_0_at_round, 20, str(tmp_path / "crashed"))
+        with pytest.warns(RuntimeWarning, match="a Dask worker died while fitting gbm_l2"):
+            there, _ = evaluate_honest(
+                sample_frame, make_stack(bases=bases, max_rounds=60),
+                fit=lambda st, fr, pr=None: fit_on_dask(st, fr, crashing, pr, n_parts=3))
+        assert set(crashing.run(os.getpid).values()) != before  # one really died
+    assert there.summary.r2["stack"] == pytest.approx(here.summary.r2["stack"], abs=0.01)
     assert here.summary.rows == there.summary.rows
 
 

@@ -14,6 +14,11 @@ Differences from one machine, on purpose: LightGBM's Dask interface cannot stop 
 their set number of rounds (`--max-rounds` caps them); and data-parallel trees bin and
 split on histograms merged across workers, so the boosters are close to, not equal to,
 one machine's.
+
+A worker can die in the middle of a fit (LightGBM's network training crashes now and then,
+a worker runs out of memory): the fit, or prediction, that lost it starts again once the
+cluster has its workers back, with the partitions built anew, up to `WORKER_LOSS_RETRIES`
+times, each loss reported as a warning.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import multiprocessing
 import os
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -38,6 +44,9 @@ from cputwin.models.stack import FEATURE_DTYPES, Progress, TwinStack
 from cputwin.telemetry.schema import RUN_COLUMN
 
 ROWS_PER_PARTITION = 250_000
+WORKER_LOSS_RETRIES = 2  # fits or predictions started again after a worker died
+WORKER_WAIT_S = 60  # how long to wait for a lost worker's replacement
+T = TypeVar("T")
 # The thread pools a task's libraries start: OpenMP (LightGBM), BLAS (the ridge bases), Polars
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "POLARS_MAX_THREADS")
@@ -157,14 +166,51 @@ class DaskRows:
     can_stop_early = False
 
     def __init__(self, stack: TwinStack, parts: list[pl.DataFrame], client: Any) -> None:
-        self.stack, self.client = stack, client
-        self.built = [client.submit(_build_partition, stack, client.scatter(part), pure=False)
-                      for part in parts]
+        self.stack, self.client, self.parts = stack, client, parts
+        self.n_workers = len(client.scheduler_info()["workers"])
+        self.built = self._build()
         facts = client.gather([client.submit(_facts, b) for b in self.built])
         self.names = facts[0]["names"]
         self.offsets = np.cumsum([0, *(f["valid"].size for f in facts)])
         for key in ROW_FACTS:
             setattr(self, key, np.concatenate([f[key] for f in facts]))
+
+    def _build(self) -> list[Any]:
+        return [self.client.submit(_build_partition, self.stack, self.client.scatter(part),
+                                   pure=False) for part in self.parts]
+
+    def _surviving(self, what: str, work: Callable[[], T]) -> T:
+        """`work()`, started again (partitions rebuilt) when a worker died during it."""
+        tries = 0
+        while True:
+            try:
+                return work()
+            except Exception as exc:
+                if not worker_lost(exc):
+                    raise
+                tries += 1
+                cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if tries > WORKER_LOSS_RETRIES:
+                    raise ModelError(
+                        f"a Dask worker died each of the {tries} times it was tried: {what} "
+                        f"({cause}); see the workers' logs (memory limit, crash) or train on one "
+                        "machine") from None
+                warnings.warn(f"a Dask worker died while {what} ({cause}); starting it again "
+                              f"({tries} of {WORKER_LOSS_RETRIES} retries)",
+                              RuntimeWarning, stacklevel=2)
+                self._recover()
+
+    def _recover(self) -> None:
+        """Wait for the cluster's workers to be back; build every partition anew (a lost
+        worker took the partitions it held)."""
+        try:
+            self.client.wait_for_workers(self.n_workers, timeout=WORKER_WAIT_S)
+        except TimeoutError:
+            if not self.client.scheduler_info()["workers"]:
+                raise ModelError(f"no Dask worker left after {WORKER_WAIT_S} s") from None
+        stale, self.built = self.built, self._build()
+        for future in stale:  # released, not cancelled: tasks of the lost fit may still read them
+            future.release()
 
     def _local(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """Global row indices (ascending) as (partition, local indices) pairs, in order."""
@@ -189,6 +235,10 @@ class DaskRows:
         return da.concatenate(xs), da.concatenate(ys)
 
     def fit(self, j: int, params: dict[str, Any], rows: np.ndarray, on_round) -> FittedBase:
+        return self._surviving(f"fitting {self.stack.base_specs_[j].name}",
+                               lambda: self._fit(j, params, rows))
+
+    def _fit(self, j: int, params: dict[str, Any], rows: np.ndarray) -> FittedBase:
         spec = self.stack.base_specs_[j]
         if spec.learner != "lgbm":  # a ridge line: small enough to solve here
             X, y = self._dask_xy(j, rows)
@@ -204,15 +254,31 @@ class DaskRows:
 
     def predict(self, j: int, model: FittedBase, rows: np.ndarray) -> np.ndarray:
         shipped = model.to_dict()
-        parts = [self.client.submit(_predict, self.built[p], j, local, shipped)
-                 for p, local in self._local(rows)]
-        return np.concatenate(self.client.gather(parts))
+
+        def gather() -> np.ndarray:
+            parts = [self.client.submit(_predict, self.built[p], j, local, shipped)
+                     for p, local in self._local(rows)]
+            return np.concatenate(self.client.gather(parts))
+
+        return self._surviving(f"predicting with {self.stack.base_specs_[j].name}", gather)
 
     def fit_stopping(self, j, params, train, val, on_round):  # pragma: no cover
         raise ModelError("early stopping is not available on Dask")
 
     def release(self) -> None:
         self.client.cancel(self.built)
+
+
+def worker_lost(exc: BaseException) -> bool:
+    """Whether `exc` says a worker died under the work: its tasks were cancelled or killed,
+    or (LightGBM's network training) a surviving worker lost its peer's socket."""
+    from distributed.client import FutureCancelledError, FuturesCancelledError
+    from distributed.scheduler import KilledWorker
+    from lightgbm.basic import LightGBMError
+
+    if isinstance(exc, FutureCancelledError | FuturesCancelledError | KilledWorker):
+        return True
+    return isinstance(exc, LightGBMError) and "Socket" in str(exc)
 
 
 
