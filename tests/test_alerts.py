@@ -48,6 +48,13 @@ def receiver(fail_first: int = 0, hold: threading.Event | None = None):
         server.server_close()
 
 
+def _wait_for(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 def test_a_raise_then_a_clear_arrive_as_alertmanager_alerts():
     with receiver() as (url, got, _):
         sender = AlertSender(url)
@@ -88,14 +95,15 @@ def test_an_unreachable_receiver_gives_up_and_counts_it():
 
 def test_a_full_queue_drops_the_oldest_and_counts_it():
     hold = threading.Event()
-    with receiver(hold=hold) as (url, got, _):
+    with receiver(hold=hold) as (url, got, calls):
         sender = AlertSender(url, max_queue=3)
         sender.event("raise", "s", "c0", "h")  # taken by the thread, held by the receiver
-        time.sleep(0.3)
+        _wait_for(lambda: calls["n"] == 1)
         start = time.perf_counter()
         for i in range(1, 11):
             sender.event("raise", "s", f"c{i}", "h")
-        assert time.perf_counter() - start < 0.1  # the caller never waits for the receiver
+        # the caller never waits for the receiver, which holds its answer for 10 s
+        assert time.perf_counter() - start < 3
         assert sender.counts["dropped"] == 7
         hold.set()
         assert sender.flush(10)
@@ -139,10 +147,9 @@ def test_serve_posts_each_alarm_raise_and_clear_to_the_webhook(seed_twin):
             results += r.json()["results"]
         events = [(r["cores"]["cpu_util_core_0"]["event"]) for r in results if r["event"]]
         assert events == ["raise", "clear"], events
+        # the sender posts from its own thread, and counts a post once it is answered
+        _wait_for(lambda: "cputwin_alert_webhook_sent_total 2.0" in client.get("/metrics").text)
         metrics = client.get("/metrics").text
-        deadline = time.time() + 10
-        while len(got) < 2 and time.time() < deadline:
-            time.sleep(0.05)
     assert 'cputwin_alarms_total{core="cpu_util_core_0",stream="web1"} 1.0' in metrics
     assert "cputwin_alert_webhook_sent_total 2.0" in metrics
     raised, cleared = (body[0] for _, _, body in got)
@@ -171,4 +178,4 @@ def test_watch_sends_through_the_webhook_and_stops_cleanly(seed_twin):
                             "1", "--alert-webhook", url, "--json"], capture_output=True, text=True,
                            timeout=60)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["ticks"] == 10
+    assert 0 < json.loads(r.stdout)["ticks"] <= 10  # 1 s at 10 Hz; a stalled tick is skipped

@@ -32,11 +32,13 @@ def _free_port() -> int:
 @contextmanager
 def serving(twin, app=None, **limits):
     """A real uvicorn server for `twin` (or `app`) on a free loopback port, and a client."""
-    port = _free_port()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # the server's own socket: no other process can take the port
+    port = sock.getsockname()[1]
     config = uvicorn.Config(app or create_app(twin, **limits), host="127.0.0.1", port=port,
                             log_level="warning")
     srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not srv.started and time.time() < deadline:
@@ -45,6 +47,7 @@ def serving(twin, app=None, **limits):
         yield client
     srv.should_exit = True
     thread.join(10)
+    sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +153,16 @@ def test_metrics_label_the_documents_by_path_and_unknown_paths_as_unmatched(serv
 
 
 def test_idle_streams_expire_and_free_their_place(seed_twin):
-    with serving(seed_twin, max_streams=2, stream_ttl_s=2.0) as client:
+    with serving(seed_twin, max_streams=2, stream_ttl_s=3.0) as client:
         def post(stream_id: str, t: float) -> int:
             return client.post(f"/v1/streams/{stream_id}/samples",
                                json={"samples": [_sample(t)]}).status_code
 
         assert post("a", 1.0) == 200
-        time.sleep(1.2)
+        time.sleep(2.0)
         assert post("b", 1.0) == 200
         assert post("c", 1.0) == 429  # at the cap, nothing idle long enough yet
-        time.sleep(1.2)  # a idle 2.4 s: expired; b idle 1.2 s: live
+        time.sleep(2.0)  # a idle 4 s: expired; b idle 2 s: live (1 s either side of the TTL)
         assert post("c", 1.0) == 200
         assert post("b", 0.5) == 409  # b kept its state (its last timestamp)
         text = client.get("/metrics").text

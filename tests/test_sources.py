@@ -405,12 +405,17 @@ def test_an_import_from_prometheus_matches_the_direct_scrape(side_by_side, prome
                                                              node_exporter):
     url, _ = prometheus
     first, last = side_by_side[0][1]["timestamp"], side_by_side[-1][1]["timestamp"]
-    time.sleep(2.5)  # the server's last scrapes of the window are stored
-    frame = load_prometheus(url, node_exporter, first - 1, last + 1)
+    deadline = time.time() + 20
+    while True:  # until the server has stored a scrape past the window
+        frame = load_prometheus(url, node_exporter, first - 1, last + 1)
+        if frame.height and frame["timestamp"].max() >= last or time.time() > deadline:
+            break
+        time.sleep(0.2)
     assert frame["host"].unique().to_list() == [node_exporter]
-    assert frame["run"].n_unique() == 1
     steps = np.diff(frame["timestamp"].to_numpy())
-    assert np.allclose(steps, 1.0, atol=0.1)  # raw scrapes, one real interval per row
+    # raw scrapes, one real interval per row; a scrape the server missed ends a run
+    assert abs(np.median(steps) - 1.0) < 0.05 and (steps < 1.5).mean() >= 0.8, steps
+    assert frame["run"].n_unique() == 1 + (steps > 1.5).sum()
     # the interior of the side-by-side window, read both ways: Prometheus scrapes at its
     # own phase, so each edge interval may reach up to a second outside the busy loop
     direct = np.array([_cores(b) for _, b in side_by_side[2:]])

@@ -103,6 +103,8 @@ def watch(
             row = sampler.sample(workload)
             tick = stream.update(np.array([row[c] for c in cores]), row[OVERALL], workload,
                                  row[WORKLOAD_CPU])
+            if recorder:  # recorded and counted together: an interrupt leaves them equal
+                recorder.add(row, tick)
             summary.ticks += 1
             for core in tick.cores:
                 if core.event == "raise":
@@ -115,11 +117,9 @@ def watch(
             if alerts is not None:
                 tick_events(alerts, "watch", host, tick, twin.detectors,
                             row[TIMESTAMP])
-            if recorder:
-                recorder.add(row, tick)
-                if time.monotonic() - last_flush >= 0.5:
-                    recorder.writer.flush()
-                    last_flush = time.monotonic()
+            if recorder and time.monotonic() - last_flush >= 0.5:
+                recorder.writer.flush()
+                last_flush = time.monotonic()
             on_tick(row, tick)
     except KeyboardInterrupt:
         summary.interrupted = True
