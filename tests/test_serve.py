@@ -19,8 +19,9 @@ import polars as pl
 import pytest
 import uvicorn
 
+from cputwin import load_runs
 from cputwin.live.serve import create_app
-from cputwin.pipeline import train
+from cputwin.pipeline import open_twin, train
 
 
 def _free_port() -> int:
@@ -171,7 +172,6 @@ def test_idle_streams_expire_and_free_their_place(seed_twin):
 
 
 def test_a_stream_carries_its_host_to_a_host_category_twin(tmp_path):
-    from cputwin import load_runs
     from cputwin.live.stream import replay
     from cputwin.pipeline import open_twin
     from helpers import synthetic_run, write_run
@@ -253,6 +253,26 @@ def test_predict_answers_in_request_order(roomy):
     backward = roomy.post("/v1/predict", json={"rows": rows[::-1]}).json()["predictions"]
     assert backward == forward[::-1]
     assert forward[0] is None and backward[-1] is None  # the first in time has no history
+
+
+def test_a_machine_twin_predicts_every_core_in_request_order(sample_data, tmp_path):
+    twin = tmp_path / "machine.cputwin"
+    train(sample_data, twin, bases=["physics_pooled", "gbm_pooled"], target="all",
+          mode="independent", max_rounds=30)
+    run = load_runs(sample_data).head(60)
+    rows = run.drop("run", "host", strict=False).to_dicts()
+    stack, _, _ = open_twin(twin)
+    expected = stack.predict(run)
+    with serving(twin) as client:
+        r = client.post("/v1/predict", json={"rows": rows[::-1]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["target"] == "all" and body["predictions"] is None
+    assert list(body["cores"]) == ["cpu_util_core_0", "cpu_util_core_1"]
+    for i, values in enumerate(body["cores"].values()):
+        got = np.array([np.nan if v is None else v for v in values[::-1]])
+        np.testing.assert_allclose(got, expected[:, i], rtol=1e-9)
+        assert np.isnan(got[0]) and np.isfinite(got[-1])
 
 
 def test_predict_with_a_repeated_timestamp_is_a_422(roomy):

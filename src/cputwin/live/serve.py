@@ -96,9 +96,13 @@ class Samples(BaseModel):
 class Prediction(BaseModel):
     target: str
     mode: str
-    predictions: list[float | None] = Field(
+    predictions: list[float | None] | None = Field(
         description="The twin's value for each row, in the order of the request's rows "
-                    "(null until the row's history is long enough).")
+                    "(null until the row's history is long enough); null from a twin of "
+                    "every core, which answers in `cores`.")
+    cores: dict[str, list[float | None]] | None = Field(
+        None, description="A twin of every core (target `all`): each core's values, in the "
+                          "order of the request's rows; null from a twin of one core.")
     warnings: list[str] = Field(description="What the twin noticed about these rows, "
                                             "e.g. workload labels it was not trained on.")
 
@@ -590,11 +594,20 @@ def _predict(state, body: Rows) -> Prediction:
         warnings.simplefilter("always")
         frame = _frame(rows, state.contract)
         pred = stack.predict(frame.with_columns(pl.lit("request").alias(RUN_COLUMN)))
-    in_request_order = np.empty(len(rows))
+    in_request_order = np.empty(pred.shape)  # (rows,) or, every core's, (rows, cores)
     in_request_order[order] = pred
+    warned = _report(caught, state.metrics)
+    if stack.machine_:
+        return Prediction(target=stack.target, mode=stack.mode, predictions=None,
+                          cores={core: _values(in_request_order[:, i])
+                                 for i, core in enumerate(stack.cores_of(frame))},
+                          warnings=warned)
     return Prediction(target=stack.target, mode=stack.mode,
-                      predictions=[_finite(float(p)) for p in in_request_order],
-                      warnings=_report(caught, state.metrics))
+                      predictions=_values(in_request_order), warnings=warned)
+
+
+def _values(column: np.ndarray) -> list[float | None]:
+    return [_finite(float(p)) for p in column]
 
 
 async def _stream_doc(
