@@ -406,6 +406,27 @@ def test_power_is_the_extra_load_that_alarms_within_two_seconds():
     assert not alarms_within_two_seconds(power * 0.95)
 
 
+@pytest.mark.parametrize(("rate_hz", "window_s"), [(10.0, 2.0), (1.0, 2.0), (1 / 15, 30.0)])
+def test_power_alarms_within_its_window_at_any_rate(rate_hz, window_s):
+    """A 15 s scrape cannot alarm within 2 s: its power is for the fewest samples an alarm
+    takes (half the median's 3 samples, then one over the threshold), not infinite."""
+    residuals = np.random.default_rng(9).normal(0.0, 3.0, 2400)
+    det = Detector().fit(residuals, np.array(["w"] * residuals.size),
+                         np.zeros(residuals.size, int), rate_hz=rate_hz)
+    assert det.power_window_s == pytest.approx(window_s)
+    assert np.isfinite(det.power["w"]) and det.blind_spots() == {}
+
+    def alarms_within_the_window(load: float) -> bool:
+        state = det.stream()
+        for _ in range(50):
+            state.update(det.centre["w"], "w")
+        return any(state.update(det.centre["w"] + load, "w").event == "raise"
+                   for _ in range(det.power_ticks))
+
+    assert alarms_within_the_window(det.power["w"] * 1.02)
+    assert not alarms_within_the_window(det.power["w"] * 0.95)
+
+
 def test_durations_become_ticks_at_the_data_rate():
     residuals = _normal_minutes(30, seed=8)[::10]  # 30 minutes at 1 Hz
     det = Detector().fit(residuals, np.array(["w"] * residuals.size),

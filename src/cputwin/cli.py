@@ -832,7 +832,8 @@ def watch(
                         f"observed {row[stack.target]:6.1f}   twin {twin_v}   residual {resid}   "
                         f"score {score} / {detector.threshold if detector else float('nan'):.2f}"
                         f"   {state}\n"
-                        + (f"alarms within 2 s on {_points(detector.power_for(workload))} "
+                        + (f"alarms within {detector.power_window_s:g} s on "
+                           f"{_points(detector.power_for(workload))} "
                            "points of extra load\n" if detector else "")
                         + f"observed {sparkline(list(observed))}\n"
                         f"twin     {sparkline(list(predicted))}")
@@ -854,11 +855,12 @@ def watch(
 
 
 def detector_line(core: str, summary: DetectorSummary) -> str:
-    """What the core's detector can see: the smallest extra load that alarms within 2 s."""
+    """What the core's detector can see: the smallest extra load that alarms within its
+    window (2 s at 10 Hz)."""
     power = {w: p for w, p in summary.power.items() if w != "*"} or summary.power
     shown = ", ".join(f"{w} {_points(p)}" for w, p in sorted(power.items()))
     return (f"{core}: alarm threshold {summary.threshold:.2f}; extra load that alarms "
-            f"within 2 s (points): {shown}")
+            f"within {summary.window_s:g} s (points): {shown}")
 
 
 def _points(value: float) -> str:
@@ -885,8 +887,11 @@ def machine_panel(row: dict, tick, detectors: dict | None, mode: str, workload: 
         state = watch_state(core)
         lines.append(f"{short:<8}{row[name]:9.1f}{core.prediction:8.1f}{resid:>8}{score:>8}"
                      f"{thr:7.2f}{sees:>6}  {state}")
-    lines.append("sees: the smallest sustained extra load (points) that alarms within 2 s; "
-                 "blind: the twin expects the core too busy for that much more")
+    from cputwin.live.detector import POWER_WINDOW_S
+
+    window = next(iter(detectors.values())).power_window_s if detectors else POWER_WINDOW_S
+    lines.append(f"sees: the smallest sustained extra load (points) that alarms within "
+                 f"{window:g} s; blind: the twin expects the core too busy for that much more")
     return "\n".join(lines)
 
 

@@ -421,9 +421,11 @@ def warn_blind_spots(detectors: dict[str, Detector], mode: str) -> None:
     for core, d in detectors.items():
         for workload, points in d.blind_spots().items():
             what = "all workloads" if workload == "*" else f"workload {workload}"
-            need = "no load" if not np.isfinite(points) else f"{points:.0f} points of extra load"
+            need = ("more load than any core can take" if not np.isfinite(points)
+                    else f"{points:.0f} points of extra load")
             warnings.warn(
-                f"{core}: the anomaly detector needs {need} to alarm within 2 s in {what} "
+                f"{core}: the anomaly detector needs {need} to alarm within "
+                f"{d.power_window_s:g} s in {what} "
                 f"({d.blind_reason(workload)}); record longer, on a quieter machine, or with "
                 "the workload's own CPU use (cputwin collect records it; --bases detect_wcpu)"
                 + ("; detection needs --mode independent" if mode == "sensor" else ""),
@@ -433,7 +435,7 @@ def warn_blind_spots(detectors: dict[str, Detector], mode: str) -> None:
 def detector_summary(detectors: dict[str, Detector]) -> dict[str, DetectorSummary]:
     """Per watched core: threshold, power per workload (the smallest sustained extra load
     that alarms within 2 s), and the workloads where the detector is blind."""
-    return {core: DetectorSummary(threshold=d.threshold, power=d.power,
+    return {core: DetectorSummary(threshold=d.threshold, window_s=d.power_window_s, power=d.power,
                                   blind=d.blind_spots(),
                                   unexplained=d.calibration.get("unexplained_workloads", {}))
             for core, d in detectors.items()}

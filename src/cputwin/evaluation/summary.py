@@ -190,9 +190,11 @@ class FleetScores(Rendered):
 @dataclass(kw_only=True)
 class DetectorSummary(Rendered):
     """One core's detector: its alarm threshold, the smallest sustained extra load that
-    alarms within 2 s per workload (`power`), where it is nearly blind and why."""
+    alarms within `window_s` (2 s, or the fewest samples an alarm takes where samples are
+    further apart) per workload (`power`), where it is nearly blind and why."""
 
     threshold: float
+    window_s: float
     power: dict[str, float]
     blind: dict[str, float]
     unexplained: dict[str, Any]

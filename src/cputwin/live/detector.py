@@ -40,10 +40,12 @@ standardised by their own centre and scale, so one level means the same on every
 
 `power[w]` is what the threshold means in load: the smallest sustained extra load on
 the core (utilisation points) that raises an alarm within `POWER_WINDOW_S` seconds in
-workload w. The score is one-sided by default (the core busier than the twin expects: a
-hidden process, a noisy neighbour); `two_sided` also catches a core quieter than
-expected (a stuck scheduler). Where the twin's value plus the power passes 100 %, extra
-load cannot show at all: each tick says so (`blind_at`, `Verdict.blind`).
+workload w, or, where samples come further apart than that, within the fewest samples
+an alarm can take (`power_window_s`). The score is one-sided by default (the core
+busier than the twin expects: a hidden process, a noisy neighbour); `two_sided` also
+catches a core quieter than expected (a stuck scheduler). Where the twin's value plus the
+power passes 100 %, extra load cannot show at all: each tick says so (`blind_at`,
+`Verdict.blind`).
 """
 
 from __future__ import annotations
@@ -182,11 +184,24 @@ class Detector:
                 scores, bounds, workloads, self.threshold, self.raise_ticks)}
         return self
 
+    @property
+    def power_ticks(self) -> int:
+        """The samples within which `power` alarms: POWER_WINDOW_S, or the fewest an alarm
+        can take where samples are further apart (a 15 s scrape: one or two samples)."""
+        fastest = (self.window_ticks // 2 + self.raise_ticks
+                   if self.settings.smoother == "median" else self.raise_ticks)
+        return max(int(round(POWER_WINDOW_S * self.rate_hz)), fastest)
+
+    @property
+    def power_window_s(self) -> float:
+        """`power_ticks` in seconds."""
+        return self.power_ticks / self.rate_hz
+
     def power_for(self, workload: str) -> float:
         """The smallest sustained extra load (points) that raises an alarm within
-        POWER_WINDOW_S in this workload: the step response of the smoothed score must
+        `power_window_s` in this workload: the step response of the smoothed score must
         stay above the threshold for `raise_ticks` ticks inside the window."""
-        ticks = int(round(POWER_WINDOW_S * self.rate_hz))
+        ticks = self.power_ticks
         key = workload if workload in self.scale else GLOBAL
         if self.settings.smoother == "median":  # holds the step once half the window does
             rise = 1.0 if self.window_ticks // 2 + self.raise_ticks <= ticks else 0.0

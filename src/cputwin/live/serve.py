@@ -142,7 +142,10 @@ class CoreDetector(BaseModel):
     threshold: float | None = Field(description="The alarm threshold on the smoothed score.")
     power: dict[str, float | None] = Field(
         description="By workload ('*': any other), the smallest sustained extra load in "
-                    "points that raises an alarm within 2 s (null: none can).")
+                    "points that raises an alarm within `window_s` (null: none can).")
+    window_s: float | None = Field(
+        None, description="Seconds within which `power` alarms: 2, or the fewest samples an "
+                          "alarm can take where samples come further apart.")
     blind: list[str] = Field(description="Workloads where that load is above 50 points.")
 
 
@@ -703,6 +706,7 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
                       streams=len(state.streams.items), detectors={
                           core: CoreDetector(threshold=_finite(d.threshold),
                                              power={w: _finite(p) for w, p in d.power.items()},
+                                             window_s=d.power_window_s,
                                              blind=sorted(d.blind_spots()))
                           for core, d in twin.detectors.items()})
 
