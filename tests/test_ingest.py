@@ -346,3 +346,15 @@ def test_factorize_gives_each_row_its_label(labels):
     names, codes = factorize(np.array(labels, dtype=object))
     assert len(set(names)) == len(names) and set(names) == set(labels)
     assert [names[c] for c in codes] == labels
+
+
+def test_utilisation_given_as_ratios_is_pointed_out(tmp_path):
+    run = synthetic_run(n=100, cores=2)
+    utilisation = [c for c in run.columns if c.startswith("cpu_util_")]
+    write_run(run, tmp_path / "percent", "r")
+    write_run(run.with_columns(pl.col(utilisation) / 100), tmp_path / "ratio", "r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        load_runs(tmp_path / "percent")
+    with pytest.warns(DataWarning, match="0-1 ratios, multiply them by 100"):
+        load_runs(tmp_path / "ratio")

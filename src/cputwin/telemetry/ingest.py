@@ -100,7 +100,22 @@ def load_runs(source: PathLike | Iterable[PathLike], columns: ColumnMap | None =
         desc = ", ".join(f"{name}: {n}" for name, n in counts.items())
         raise DataError(f"runs have different core counts ({desc}); train one twin per "
                         "machine (--per-host)")
-    return pl.concat(frames, how="vertical")
+    frame = pl.concat(frames, how="vertical")
+    warn_if_ratios(frame)
+    return frame
+
+
+def warn_if_ratios(frame: pl.DataFrame) -> None:
+    """Warn when no utilisation reaches 1 %: most likely 0–1 ratios (a Prometheus
+    recording rule's usual unit), which cputwin would read as a machine almost at rest;
+    its detector, whose error floor is 1 point, could then never alarm."""
+    cores = schema.core_columns_in(frame.columns)
+    highest = frame.select(pl.max_horizontal(pl.col([*cores, OVERALL]).max())).item()
+    if frame.height and highest is not None and highest <= 1.0:
+        warnings.warn(
+            f"no utilisation in these {frame.height} rows goes above {highest:g} %: if they are "
+            "0-1 ratios, multiply them by 100 (cputwin reads percent, 0-100)",
+            DataWarning, stacklevel=3)
 
 
 def load_hosts(source: PathLike | Iterable[PathLike], columns: ColumnMap | None = None
