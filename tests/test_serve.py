@@ -275,6 +275,19 @@ def test_a_machine_twin_predicts_every_core_in_request_order(sample_data, tmp_pa
         assert np.isnan(got[0]) and np.isfinite(got[-1])
 
 
+def test_a_gap_longer_than_the_history_starts_the_stream_history_again(roomy):
+    # a skipped tick or two (0.5 s) is no gap; an hour is: the lags would be of another time
+    first = [_sample(5000 + i * 0.1 + (0.4 if i >= 20 else 0)) for i in range(40)]
+    r = roomy.post("/v1/streams/gap/samples", json={"samples": first}).json()
+    assert r["results"][-1]["prediction"] is not None and "warnings" not in r
+    later = [_sample(8600 + i * 0.1, core0=i % 40) for i in range(40)]
+    r = roomy.post("/v1/streams/gap/samples", json={"samples": later}).json()
+    assert len(r["warnings"]) == 1 and "its history starts again" in r["warnings"][0]
+    fresh = roomy.post("/v1/streams/fresh/samples", json={"samples": later}).json()
+    assert [x["prediction"] for x in r["results"]] == [x["prediction"] for x in fresh["results"]]
+    assert r["results"][0]["prediction"] is None
+
+
 def test_predict_with_a_repeated_timestamp_is_a_422(roomy):
     rows = [_sample(1000 + i * 0.1) for i in range(30)] + [_sample(1000.5)]
     r = roomy.post("/v1/predict", json={"rows": rows})

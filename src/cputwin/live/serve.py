@@ -136,6 +136,9 @@ class StreamResult(BaseModel):
 class StreamResults(BaseModel):
     stream_id: str
     results: list[StreamResult]
+    warnings: list[str] = Field(
+        [], description="What the twin noticed about these samples, e.g. a gap longer than "
+                        "its history (the history starts again after it).")
 
 
 class CoreDetector(BaseModel):
@@ -536,22 +539,47 @@ def _stream_update(state, stream_id: str, raw: bytes, wait: bool = True) -> Resp
                 b <= a for a, b in itertools.pairwise(ts)):
             raise HTTPException(409, f"timestamps must increase within stream {stream_id!r} "
                                      f"(last seen {entry.last})")
-        results = _step(entry, stream_id, body.samples, cores, streams)
+        noticed = _restart_after_gaps(entry, stream_id, ts, state.stack)
+        results = _step(entry, stream_id, body.samples, cores, streams, set(noticed))
         entry.last = ts[-1]
     finally:
         entry.lock.release()
-    return Response(json.dumps({"stream_id": stream_id, "results": results}, allow_nan=False),
-                    media_type="application/json")
+    answer = {"stream_id": stream_id, "results": results}
+    if noticed:
+        answer["warnings"] = [_report_one(text, state.metrics) for text in noticed.values()]
+    return Response(json.dumps(answer, allow_nan=False), media_type="application/json")
+
+
+def _restart_after_gaps(entry: Entry, stream_id: str, ts: list[float], stack) -> dict[int, str]:
+    """The samples (by index) that follow a gap longer than the twin's history, with what
+    to say of each: there, the stream's history starts again."""
+    span = (stack.history_ or 1) * (stack.step_s_ or 0.0)
+    if not span:
+        return {}
+    before = [entry.last, *ts[:-1]]
+    return {i: f"stream {stream_id!r}: {t - prev:.6g} s without samples before {t:.6f}, "
+               f"longer than the twin's history ({span:.6g} s): its history starts again"
+            for i, (prev, t) in enumerate(zip(before, ts, strict=True))
+            if prev is not None and t - prev > span}
+
+
+def _report_one(text: str, metrics: Metrics) -> str:
+    metrics.warnings.inc()
+    log.warning("%s", _one_line(text))
+    return text
 
 
 def _step(entry: Entry, stream_id: str, samples: list[Sample], cores: np.ndarray,
-          streams: Streams) -> list[dict]:
-    """Feed checked samples to a stream; the verdict of each, as the JSON answer holds it.
-    The metric gauges take the last sample's values; every raise is counted and sent."""
+          streams: Streams, restart_at: set[int]) -> list[dict]:
+    """Feed checked samples to a stream (its history restarted before those in
+    `restart_at`); the verdict of each, as the JSON answer holds it. The metric gauges take
+    the last sample's values; every raise is counted and sent."""
     results = []
     alerts = streams.alerts
     tick = None
     for i, sample in enumerate(samples):
+        if i in restart_at:
+            entry.stream.restart()
         tick = entry.stream.update(cores[i], sample.cpu_util_overall, sample.workload_type,
                                    sample.workload_cpu_percent)
         per_core = {}

@@ -125,6 +125,11 @@ class TwinStream:
         self.meta = twin.stack.meta_
         self.watch = [twin.detectors[t].stream() for t in twin.targets] if twin.detectors else None
 
+    def restart(self) -> None:
+        """Forget the history (after a gap longer than it: its lags would be of another
+        time); the detectors keep their state, so an alarm up before the gap stays up."""
+        self.features = [OnlineFeatures(c) for c in self.twin.compiled]
+
     def update(self, cores: np.ndarray, overall: float, workload: str,
                workload_cpu: float | None = None) -> Tick:
         """Push one sample: all cores' utilisation (a watched core's own is not read for its
