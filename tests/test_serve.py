@@ -288,6 +288,18 @@ def test_a_gap_longer_than_the_history_starts_the_stream_history_again(roomy):
     assert r["results"][0]["prediction"] is None
 
 
+def test_a_stream_says_once_which_labels_the_twin_never_saw(roomy):
+    def send(t0: float, workload: str) -> dict:
+        samples = [_sample(t0 + i * 0.1, workload=workload) for i in range(5)]
+        return roomy.post("/v1/streams/labels/samples", json={"samples": samples}).json()
+
+    assert "warnings" not in send(7000, "idle")
+    first = send(7001, "batch")
+    assert len(first["warnings"]) == 1
+    assert "stream 'labels': workload labels not seen in training: batch" in first["warnings"][0]
+    assert "warnings" not in send(7002, "batch")  # said once per stream
+
+
 def test_predict_with_a_repeated_timestamp_is_a_422(roomy):
     rows = [_sample(1000 + i * 0.1) for i in range(30)] + [_sample(1000.5)]
     r = roomy.post("/v1/predict", json={"rows": rows})

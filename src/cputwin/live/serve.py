@@ -50,6 +50,7 @@ from starlette.routing import Match, Route
 
 from cputwin.contract import InputContract
 from cputwin.errors import CputwinError
+from cputwin.features.engine import unseen_workloads
 from cputwin.live.alerts import AlertSender, tick_events
 from cputwin.telemetry.ingest import check_run
 from cputwin.telemetry.schema import (
@@ -259,6 +260,7 @@ class Entry:
     last: float | None = None
     seen: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    labels: set[str] = field(default_factory=set)  # workload labels already judged
 
 
 class Streams:
@@ -539,15 +541,25 @@ def _stream_update(state, stream_id: str, raw: bytes, wait: bool = True) -> Resp
                 b <= a for a, b in itertools.pairwise(ts)):
             raise HTTPException(409, f"timestamps must increase within stream {stream_id!r} "
                                      f"(last seen {entry.last})")
-        noticed = _restart_after_gaps(entry, stream_id, ts, state.stack)
-        results = _step(entry, stream_id, body.samples, cores, streams, set(noticed))
+        gaps = _restart_after_gaps(entry, stream_id, ts, state.stack)
+        results = _step(entry, stream_id, body.samples, cores, streams, set(gaps))
         entry.last = ts[-1]
+        noticed = [*_new_labels(entry, stream_id, body.samples, state.stack), *gaps.values()]
     finally:
         entry.lock.release()
     answer = {"stream_id": stream_id, "results": results}
     if noticed:
-        answer["warnings"] = [_report_one(text, state.metrics) for text in noticed.values()]
+        answer["warnings"] = [_report_one(text, state.metrics) for text in noticed]
     return Response(json.dumps(answer, allow_nan=False), media_type="application/json")
+
+
+def _new_labels(entry: Entry, stream_id: str, samples: list[Sample], stack) -> list[str]:
+    """What to say of workload labels this stream sends for the first time that the twin
+    never saw (as batch prediction says it), once per stream and label."""
+    labels = {s.workload_type for s in samples} - entry.labels
+    entry.labels |= labels
+    message = unseen_workloads(sorted(labels), stack.workloads_)
+    return [f"stream {stream_id!r}: {message}"] if message else []
 
 
 def _restart_after_gaps(entry: Entry, stream_id: str, ts: list[float], stack) -> dict[int, str]:
