@@ -358,3 +358,14 @@ def test_utilisation_given_as_ratios_is_pointed_out(tmp_path):
         load_runs(tmp_path / "percent")
     with pytest.warns(DataWarning, match="0-1 ratios, multiply them by 100"):
         load_runs(tmp_path / "ratio")
+
+
+@pytest.mark.parametrize("per_second", [1, 1_000, 1_000_000, 1_000_000_000])
+def test_csv_epoch_timestamps_in_s_ms_us_or_ns_become_seconds(tmp_path, per_second):
+    run = synthetic_run(n=50, cores=2).with_columns(pl.col("timestamp").round(1))
+    stamps = (run["timestamp"] * 10).cast(pl.Int64) * (per_second // 10 or 1)
+    if per_second == 1:
+        stamps = run["timestamp"]
+    run.with_columns(stamps.alias("timestamp")).write_csv(tmp_path / "r.csv")
+    got = load_runs(tmp_path / "r.csv")["timestamp"].to_numpy()
+    np.testing.assert_allclose(got, run["timestamp"].to_numpy(), rtol=0, atol=1e-6)

@@ -13,6 +13,7 @@ treats as any other label (a twin that never saw it treats it as an unseen workl
 from __future__ import annotations
 
 import glob as globlib
+import math
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -256,7 +257,8 @@ def parse_column_map(text: str) -> ColumnMap:
 
 def rename(raw: pl.DataFrame, columns: ColumnMap | None) -> pl.DataFrame:
     """Rename the mapped columns a file has (a map may cover files of several kinds); a
-    string timestamp (ISO 8601, as CSV exports write it) becomes seconds since the epoch."""
+    string timestamp (ISO 8601, as CSV exports write it) becomes seconds since the epoch,
+    and so does a number in ms, µs or ns since the epoch (told apart by its size)."""
     if columns:
         present = {old: new for old, new in columns.items() if old in raw.columns}
         raw = raw.drop([new for new in present.values() if new in raw.columns
@@ -267,6 +269,11 @@ def rename(raw: pl.DataFrame, columns: ColumnMap | None) -> pl.DataFrame:
         except Exception:  # not dates: the numeric check names the column
             return raw
         raw = raw.with_columns((stamps.dt.epoch("us") / 1e6).alias(TIMESTAMP))
+    elif TIMESTAMP in raw.columns and raw[TIMESTAMP].dtype.is_numeric() and raw.height:
+        biggest = raw[TIMESTAMP].abs().max()
+        if biggest is not None and math.isfinite(biggest) and biggest >= schema.EPOCH_UNITS[-1][0]:
+            raw = raw.with_columns(
+                pl.Series(TIMESTAMP, schema.to_seconds(raw[TIMESTAMP].to_numpy())))
     return raw
 
 

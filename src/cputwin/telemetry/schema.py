@@ -99,3 +99,16 @@ def factorize(labels: Any) -> tuple[list[str], np.ndarray]:
     series = pl.Series(np.asarray(labels, dtype=object), dtype=pl.String)
     names = series.unique(maintain_order=True).to_list()
     return names, series.cast(pl.Enum(names)).to_physical().to_numpy().astype(np.intp)
+
+
+EPOCH_UNITS = ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3))  # (smallest value, units per second)
+
+
+def to_seconds(stamps: np.ndarray) -> np.ndarray:
+    """Epoch timestamps in ns, µs, ms or s, told apart by their size (seconds reach 1e11
+    only in the year 5138), to float seconds."""
+    biggest = float(np.abs(stamps).max()) if stamps.size else 0.0
+    for limit, scale in EPOCH_UNITS:
+        if biggest >= limit:
+            return stamps / scale
+    return stamps.astype(float)

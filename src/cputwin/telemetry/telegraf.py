@@ -26,7 +26,16 @@ import polars as pl
 from cputwin.errors import DataError
 from cputwin.telemetry.counters import MODES, CounterBreak, interval_utilisation, run_starts
 from cputwin.telemetry.ingest import DataWarning
-from cputwin.telemetry.schema import HOST, OVERALL, RUN_COLUMN, TIMESTAMP, UNLABELLED, WORKLOAD, core_column
+from cputwin.telemetry.schema import (
+    HOST,
+    OVERALL,
+    RUN_COLUMN,
+    TIMESTAMP,
+    UNLABELLED,
+    WORKLOAD,
+    core_column,
+    to_seconds,
+)
 
 MEASUREMENT = "cpu"
 TOTAL = "cpu-total"
@@ -119,15 +128,6 @@ def _field_value(text: str) -> float | int | str | bool:
         return float(text)
     except ValueError:
         raise ValueError(f"field value {text!r} is not a number, string or boolean") from None
-
-
-def to_seconds(stamps: np.ndarray) -> np.ndarray:
-    """Integer timestamps in ns, µs, ms or s (by their size) to float seconds."""
-    biggest = float(np.abs(stamps).max()) if stamps.size else 0.0
-    for limit, scale in ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3)):
-        if biggest >= limit:
-            return stamps / scale
-    return stamps.astype(float)
 
 
 def read_line_protocol(path: Path) -> pl.DataFrame:
