@@ -31,7 +31,8 @@ BAD_RUNS = [
     (lambda f: f.drop("cpu_util_overall"), "missing required column 'cpu_util_overall'"),
     (lambda f: f.drop([c for c in f.columns if c.startswith("cpu_util_core")]), "no per-core data"),
     (lambda f: f.with_columns(pl.col("cpu_util_core_0").cast(pl.String)), "must be numeric"),
-    (_nan_in_core, "missing (null or NaN) values"),
+    (_nan_in_core, "1 missing (null or NaN) values, the first in data row 6 (the first at "
+                   "timestamp 1700000000.5); drop or fill those rows"),
     (lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(None)
                               .otherwise(pl.col("cpu_util_overall")).alias("cpu_util_overall")),
      "missing (null or NaN)"),

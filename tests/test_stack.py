@@ -213,6 +213,14 @@ def test_bad_parameters_are_rejected_in_fit(params, fragment):
         TwinStack(**params).fit(_noise_runs(n_runs=1))
 
 
+def test_runs_shorter_than_the_history_say_how_long_a_run_must_be():
+    short = synthetic_run(n=20).with_columns(pl.lit("r").alias("run"))
+    stack = TwinStack()  # the default bases read 29 samples back
+    with pytest.raises(ModelError, match=r"a run needs more than \d+ samples, the longest here "
+                                         r"has 20; record longer runs"):
+        stack.fit(short)
+
+
 def test_predict_before_fit_and_wrong_core_count():
     with pytest.raises(ModelError, match="not fitted"):
         TwinStack().predict(_noise_runs(n_runs=1))

@@ -277,7 +277,11 @@ class TwinStack(RegressorMixin, BaseEstimator):
         nearly twice the CPU time of one)."""
         valid = rows.valid
         if not valid.any():
-            raise ModelError("no training row has the history the feature sets need")
+            longest = int(rows.n_in_run.max()) if rows.n_in_run.size else 0
+            raise ModelError(
+                f"no training row has the history the feature sets need: a run needs more "
+                f"than {self.history_} samples, the longest here has {longest}; record "
+                "longer runs")
         names = [b.name for b in self.base_specs_]
         stopping = [j for j, b in enumerate(self.base_specs_)
                     if b.early_stopping and b.learner == "lgbm"

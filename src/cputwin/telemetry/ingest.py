@@ -294,9 +294,13 @@ def check_run(raw: pl.DataFrame, path: Path | str) -> pl.DataFrame:
             raise DataError(f"{path}: column {col!r} must be numeric, found {raw[col].dtype}")
     labelled = WORKLOAD in raw.columns and raw[WORKLOAD].null_count() < raw.height
     for col in [*numeric, *([WORKLOAD] if labelled else [])]:
-        bad = raw[col].null_count() + (raw[col].is_nan().sum() if col in numeric else 0)
-        if bad:
-            raise DataError(f"{path}: column {col!r} has {bad} missing (null or NaN) values")
+        missing = raw[col].is_null() | (raw[col].is_nan() if col in numeric else False)
+        if missing.any():
+            first = int(missing.arg_true()[0])
+            where = "" if col == TIMESTAMP else f" (the first at timestamp {raw[TIMESTAMP][first]})"
+            raise DataError(f"{path}: column {col!r} has {int(missing.sum())} missing (null or "
+                            f"NaN) values, the first in data row {first + 1}{where}; drop or "
+                            "fill those rows")
     if labelled and raw[WORKLOAD].dtype != pl.String:
         raise DataError(f"{path}: column {WORKLOAD!r} must hold text labels")
     if raw[TIMESTAMP].is_infinite().any():
