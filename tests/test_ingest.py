@@ -370,3 +370,18 @@ def test_csv_epoch_timestamps_in_s_ms_us_or_ns_become_seconds(tmp_path, per_seco
     run.with_columns(stamps.alias("timestamp")).write_csv(tmp_path / "r.csv")
     got = load_runs(tmp_path / "r.csv")["timestamp"].to_numpy()
     np.testing.assert_allclose(got, run["timestamp"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_a_column_map_names_every_numbered_core_at_once(tmp_path):
+    from cputwin.telemetry.ingest import parse_column_map
+
+    run = synthetic_run(n=50, cores=12)
+    exported = run.rename({f"cpu_util_core_{k}": f"node_cpu{k}_busy" for k in range(12)}
+                          | {"cpu_util_overall": "total", "timestamp": "time"})
+    exported.write_csv(tmp_path / "export.csv")
+    columns = parse_column_map("time=timestamp,total=cpu_util_overall,"
+                               "node_cpu{n}_busy=cpu_util_core_{n}")
+    got = load_runs(tmp_path / "export.csv", columns)
+    assert got.select(run.columns).equals(run.select(run.columns))
+    with pytest.raises(DataError, match="needs {n} on both sides"):
+        parse_column_map("cpu{n}=cpu_util_core_0")

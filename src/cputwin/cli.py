@@ -166,7 +166,8 @@ DataArg = Annotated[list[str], typer.Argument(
     help="Telemetry runs (.parquet, .csv, Telegraf .lp/.influx): files, folders or globs.")]
 ColumnsOpt = Annotated[str | None, typer.Option(
     "--columns", metavar="OLD=NEW,...",
-    help="Rename DATA's columns to cputwin's, e.g. ts=timestamp,core0=cpu_util_core_0.")]
+    help="Rename DATA's columns to cputwin's, e.g. ts=timestamp,core0=cpu_util_core_0; "
+         "{n} stands for any core number: cpu{n}=cpu_util_core_{n}.")]
 FromOpt = Annotated[str | None, typer.Option(
     "--from", metavar="URL",
     help="Read a remote host through its node_exporter (http://HOST:9100/metrics) instead "

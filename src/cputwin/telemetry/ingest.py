@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob as globlib
 import math
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -241,18 +242,40 @@ def read_raw(path: Path) -> pl.DataFrame:
     return raw
 
 
+CORE_NUMBER = "{n}"  # in a column map, any core number: cpu{n}=cpu_util_core_{n}
+
+
 def parse_column_map(text: str) -> ColumnMap:
-    """`OLD=NEW,OLD2=NEW2` (the CLI's --columns) as a mapping."""
+    """`OLD=NEW,OLD2=NEW2` (the CLI's --columns) as a mapping; `cpu{n}=cpu_util_core_{n}`
+    maps every numbered column at once."""
     pairs = [item.strip() for item in text.split(",") if item.strip()]
     mapping: ColumnMap = {}
     for item in pairs:
         old, sep, new = item.partition("=")
         if not sep or not old.strip() or not new.strip():
             raise DataError(f"--columns: {item!r} is not OLD=NEW")
+        if (CORE_NUMBER in old) != (CORE_NUMBER in new):
+            raise DataError(f"--columns: {item!r} needs {CORE_NUMBER} on both sides or neither")
         mapping[old.strip()] = new.strip()
     if len(set(mapping.values())) != len(mapping):
         raise DataError("--columns: two columns are renamed to the same name")
     return mapping
+
+
+def expand_column_map(columns: ColumnMap, names: list[str]) -> ColumnMap:
+    """The map for a file with these column names: each `{n}` entry becomes one entry per
+    column it matches (`cpu{n}` matches cpu0, cpu1, …; the number is kept)."""
+    out: ColumnMap = {}
+    for old, new in columns.items():
+        if CORE_NUMBER not in old:
+            out[old] = new
+            continue
+        pattern = re.compile(re.escape(old).replace(re.escape(CORE_NUMBER), r"(\d+)"))
+        for name in names:
+            found = pattern.fullmatch(name)
+            if found:
+                out[name] = new.replace(CORE_NUMBER, str(int(found.group(1))))
+    return out
 
 
 def rename(raw: pl.DataFrame, columns: ColumnMap | None) -> pl.DataFrame:
@@ -260,7 +283,8 @@ def rename(raw: pl.DataFrame, columns: ColumnMap | None) -> pl.DataFrame:
     string timestamp (ISO 8601, as CSV exports write it) becomes seconds since the epoch,
     and so does a number in ms, µs or ns since the epoch (told apart by its size)."""
     if columns:
-        present = {old: new for old, new in columns.items() if old in raw.columns}
+        present = {old: new for old, new in expand_column_map(columns, raw.columns).items()
+                   if old in raw.columns}
         raw = raw.drop([new for new in present.values() if new in raw.columns
                         and new not in present]).rename(present)
     if TIMESTAMP in raw.columns and raw[TIMESTAMP].dtype == pl.String:
