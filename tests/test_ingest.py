@@ -385,3 +385,10 @@ def test_a_column_map_names_every_numbered_core_at_once(tmp_path):
     assert got.select(run.columns).equals(run.select(run.columns))
     with pytest.raises(DataError, match="needs {n} on both sides"):
         parse_column_map("cpu{n}=cpu_util_core_0")
+
+
+@pytest.mark.parametrize("separator", [",", ";", "\t"])
+def test_a_csv_separated_by_commas_semicolons_or_tabs_reads_the_same(tmp_path, separator):
+    run = synthetic_run(n=50, cores=2)
+    run.write_csv(tmp_path / "r.csv", separator=separator)
+    assert load_runs(tmp_path / "r.csv").select(run.columns).equals(run)

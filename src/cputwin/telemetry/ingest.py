@@ -235,11 +235,26 @@ def read_raw(path: Path) -> pl.DataFrame:
         return read_line_protocol(path)
     csv = path.suffix == CSV_SUFFIX
     try:
-        raw = pl.read_csv(path, infer_schema_length=10_000) if csv else pl.read_parquet(path)
+        raw = (pl.read_csv(path, infer_schema_length=10_000, separator=csv_separator(path))
+               if csv else pl.read_parquet(path))
     except Exception as exc:  # polars raises several types for a bad file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: cannot read as {'CSV' if csv else 'parquet'} ({first})") from None
     return raw
+
+
+CSV_SEPARATORS = ",;\t"
+
+
+def csv_separator(path: Path) -> str:
+    """The separator of a CSV file's header line: comma, semicolon (as spreadsheets in
+    many locales write CSV) or tab, whichever it holds most of."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline()
+    except OSError:
+        return ","  # the reader names the problem
+    return max(CSV_SEPARATORS, key=header.count)
 
 
 CORE_NUMBER = "{n}"  # in a column map, any core number: cpu{n}=cpu_util_core_{n}
