@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -131,10 +132,19 @@ def test_telegraf_time_counters_stand_in_for_a_missing_usage_idle(tmp_path):
     lines = [f"cpu,cpu=cpu0 time_idle={idle},time_user={user},time_system=1 {t}"
              for t, idle, user in ((1, 10.0, 5.0), (2, 10.5, 5.5), (3, 10.75, 6.25))]
     (tmp_path / "c.influx").write_text("\n".join(lines) + "\n")
-    with pytest.warns(DataWarning, match="dropped 1 timestamps"):  # the first only starts
-        frame = load_runs(tmp_path / "c.influx")  # the counters (timestamps in seconds)
+    with warnings.catch_warnings():  # the first line only starts the counters: no loss
+        warnings.simplefilter("error", DataWarning)
+        frame = load_runs(tmp_path / "c.influx")  # (timestamps in seconds)
     assert frame["cpu_util_core_0"].to_list() == [50.0, 75.0]
     assert frame["cpu_util_overall"].to_list() == [50.0, 75.0]  # no cpu-total: the cores' mean
+
+
+def test_a_nan_usage_idle_is_a_missing_value_not_a_broken_file(tmp_path):
+    path = tmp_path / "web.lp"
+    path.write_text(TELEGRAF.replace("usage_idle=90,usage_user=10", "usage_idle=NaN"))
+    with pytest.warns(DataWarning, match="dropped 2 timestamps"):
+        frame = load_runs(path)
+    assert frame["timestamp"].to_list() == [1_700_000_000.0]
 
 
 def test_telegraf_gaps_end_runs_and_precision_is_read_from_the_size(tmp_path):

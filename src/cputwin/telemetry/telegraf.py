@@ -16,6 +16,7 @@ value is dropped (with a warning); a gap of more than 1.5 steps ends a run.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import warnings
 from pathlib import Path
@@ -193,7 +194,8 @@ def _utilisation(series: dict[float, Fields], path: Path, cpu: str) -> dict[floa
         if idle is not None:
             if isinstance(idle, str | bool):
                 raise DataError(f"{path}: cpu {cpu!r}: usage_idle must be a number, got {idle!r}")
-            out[t] = 100.0 - float(idle)
+            if math.isfinite(float(idle)):  # NaN: no value at t, as if the field were absent
+                out[t] = 100.0 - float(idle)
         elif previous is not None and "idle" in counters:
             with contextlib.suppress(CounterBreak):
                 out[t] = interval_utilisation({0: previous}, {0: counters})[0]
@@ -204,9 +206,12 @@ def _utilisation(series: dict[float, Fields], path: Path, cpu: str) -> dict[floa
 def _frame(util: dict[str, dict[float, float]], cores: list[str], stamps: list[float],
            hosts: set[str], path: Path) -> pl.DataFrame:
     complete = [t for t in stamps if all(t in util[c] for c in cores)]
-    if len(complete) < len(stamps):
-        warnings.warn(f"{path}: dropped {len(stamps) - len(complete)} timestamps at which "
-                      "some core has no usage_idle or time_* value", DataWarning, stacklevel=4)
+    # counters give intervals: the first reading of a file is their baseline, not a loss
+    baseline = stamps[:1] if stamps and not any(stamps[0] in util[c] for c in cores) else []
+    dropped = len(stamps) - len(complete) - len(baseline)
+    if dropped:
+        warnings.warn(f"{path}: dropped {dropped} timestamps at which some core has no "
+                      "usage_idle or time_* value", DataWarning, stacklevel=4)
     if not complete:
         raise DataError(f"{path}: no timestamp has a value for every core")
     columns = {TIMESTAMP: complete}
