@@ -147,6 +147,25 @@ def test_target_all_reports_every_core_and_the_mean(sample_data):
     assert all(t["mode"] == "sensor" and t["target"] == name for name, t in s["targets"].items())
 
 
+def test_a_core_the_others_do_not_explain_is_named(tmp_path):
+    """Core 2 runs on its own (noise the other cores never show): its twin cannot beat
+    each workload's mean by much, and evaluate says so for that core only."""
+    rng = np.random.default_rng(3)
+    for i, workload in enumerate(["cpu_bound", "idle"] * 2):
+        run_ = synthetic_run(n=400, cores=3, workload=workload, seed=i, t0=1e9 + 1e4 * i)
+        alone = rng.uniform(0, 100, run_.height)
+        run_ = run_.with_columns(pl.Series("cpu_util_core_2", alone)).with_columns(
+            pl.mean_horizontal("cpu_util_core_0", "cpu_util_core_1", "cpu_util_core_2")
+            .alias("cpu_util_overall"))
+        write_run(run_, tmp_path / "data", f"r{i}")
+    result = run("evaluate", tmp_path / "data", "--target", "all", "--mode", "independent",
+                 "--bases", "physics_linear,gbm_l2", "--max-rounds", "30")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # as one line, whatever the terminal's width
+    assert text.count("workload_mean baseline") == 1, text
+    assert "cpu_util_core_2: the stack's R² " in text
+
+
 def test_transfer_to_another_machine(sample_data, tmp_path):
     four = tmp_path / "four"
     for i in range(3):

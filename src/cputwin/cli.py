@@ -322,7 +322,7 @@ def render_summary(summary: ProtocolSummary) -> None:
     for m in summary.r2:
         table.add_row(m, _fmt(summary.r2[m]), _fmt(summary.mae[m]), _fmt(summary.rmse[m]))
     out.print(table)
-    from cputwin.evaluation.report import result_line, workload_notes
+    from cputwin.evaluation.report import baseline_note, result_line, workload_notes
 
     models = list(summary.r2)
     for part in group_tables("workload", {w: g.r2 for w, g in summary.per_workload.items()},
@@ -337,8 +337,9 @@ def render_summary(summary: ProtocolSummary) -> None:
     if summary.timing is not None:
         say(timing_line(summary.timing))
     say(result_line(summary))
-    for note in workload_notes(summary):
-        say(note)
+    for note in [baseline_note(summary.target, summary), *workload_notes(summary)]:
+        if note:
+            say(note)
 
 
 def timing_line(timing: dict) -> str:
@@ -466,11 +467,13 @@ def render_targets(summary: TargetsSummary) -> None:
     for table in group_tables("target", {t: s.r2 for t, s in summary.targets.items()},
                               list(first.r2)):
         out.print(table)
-    from cputwin.evaluation.report import na_note
+    from cputwin.evaluation.report import baseline_note, na_note
 
     for name, s in summary.targets.items():
         if math.isnan(s.r2["stack"]):
             say(na_note(name, s.rows.test, s.mae["stack"]))
+        elif note := baseline_note(name, s):
+            say(note)
     m = summary.mean
     out.print(f"mean over {len(summary.targets)} cores (stack): R² {_fmt(m.r2)}, "
               f"MAE {m.mae:.3f}, RMSE {m.rmse:.3f}")

@@ -37,6 +37,7 @@ def _png(fig) -> str:
 
 
 LOW_R2 = 0.5  # below this, a workload's R² gets a line saying why
+BASELINE_MARGIN = 0.1  # a stack's R² within this of the workload_mean baseline gets a line
 R2_FLOOR = -1.0  # bars below it are clipped (and marked) so one bad workload keeps the scale
 GAP_STEPS = 3.0  # a step this many times the run's median step is a gap, not a line
 
@@ -143,6 +144,18 @@ def na_note(name: str, rows: int, mae: float) -> str:
     return (f"{name}: R² n/a: the core held one value over its {rows} test rows (R² is "
             f"undefined when nothing varies); MAE {mae:.3f} points says how close the twin "
             "stayed.")
+
+
+def baseline_note(name: str, summary: ProtocolSummary) -> str | None:
+    """A line when the stack barely beats each workload's mean: its twin then explains
+    little of the core, and its detector is as wide as the core's own swings."""
+    stack, base = summary.r2["stack"], summary.r2.get("workload_mean", math.nan)
+    if math.isnan(stack) or math.isnan(base) or stack - base >= BASELINE_MARGIN:
+        return None
+    return (f"{name}: the stack's R² {stack:.2f} is {'below' if stack < base else 'barely above'} "
+            f"the workload_mean baseline's {base:.2f}: the other cores tell little about this "
+            "one here, so its twin and detector add little; record longer, with more load "
+            "shared between cores, or with the workload's own CPU use (--bases detect_wcpu)")
 
 
 def workload_notes(summary: ProtocolSummary, model: str = "stack") -> list[str]:
