@@ -836,7 +836,7 @@ def watch(
                         f"observed {row[stack.target]:6.1f}   twin {twin_v}   residual {resid}   "
                         f"score {score} / {detector.threshold if detector else float('nan'):.2f}"
                         f"   {state}\n"
-                        + (f"alarms within {detector.power_window_s:g} s on "
+                        + (f"alarms within {detector.power_window_s:.3g} s on "
                            f"{_points(detector.power_for(workload))} "
                            "points of extra load\n" if detector else "")
                         + f"observed {sparkline(list(observed))}\n"
@@ -864,7 +864,7 @@ def detector_line(core: str, summary: DetectorSummary) -> str:
     power = {w: p for w, p in summary.power.items() if w != "*"} or summary.power
     shown = ", ".join(f"{w} {_points(p)}" for w, p in sorted(power.items()))
     return (f"{core}: alarm threshold {summary.threshold:.2f}; extra load that alarms "
-            f"within {summary.window_s:g} s (points): {shown}")
+            f"within {summary.window_s:.3g} s (points): {shown}")
 
 
 def _points(value: float) -> str:
@@ -895,7 +895,7 @@ def machine_panel(row: dict, tick, detectors: dict | None, mode: str, workload: 
 
     window = next(iter(detectors.values())).power_window_s if detectors else POWER_WINDOW_S
     lines.append(f"sees: the smallest sustained extra load (points) that alarms within "
-                 f"{window:g} s; blind: the twin expects the core too busy for that much more")
+                 f"{window:.3g} s; blind: the twin expects the core too busy for that much more")
     return "\n".join(lines)
 
 

@@ -425,7 +425,7 @@ def warn_blind_spots(detectors: dict[str, Detector], mode: str) -> None:
                     else f"{points:.0f} points of extra load")
             warnings.warn(
                 f"{core}: the anomaly detector needs {need} to alarm within "
-                f"{d.power_window_s:g} s in {what} "
+                f"{d.power_window_s:.3g} s in {what} "
                 f"({d.blind_reason(workload)}); record longer, on a quieter machine, or with "
                 "the workload's own CPU use (cputwin collect records it; --bases detect_wcpu)"
                 + ("; detection needs --mode independent" if mode == "sensor" else ""),
@@ -434,9 +434,9 @@ def warn_blind_spots(detectors: dict[str, Detector], mode: str) -> None:
 
 def detector_summary(detectors: dict[str, Detector]) -> dict[str, DetectorSummary]:
     """Per watched core: threshold, power per workload (the smallest sustained extra load
-    that alarms within 2 s), and the workloads where the detector is blind."""
-    return {core: DetectorSummary(threshold=d.threshold, window_s=d.power_window_s, power=d.power,
-                                  blind=d.blind_spots(),
+    that alarms within its window: 2 s at 10 Hz), and the workloads where it is blind."""
+    return {core: DetectorSummary(threshold=d.threshold, window_s=round(d.power_window_s, 3),
+                                  power=d.power, blind=d.blind_spots(),
                                   unexplained=d.calibration.get("unexplained_workloads", {}))
             for core, d in detectors.items()}
 

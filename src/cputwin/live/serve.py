@@ -746,7 +746,7 @@ def create_app(twin_path: Path, max_streams: int = 1000, stream_ttl_s: float = 3
                       streams=len(state.streams.items), detectors={
                           core: CoreDetector(threshold=_finite(d.threshold),
                                              power={w: _finite(p) for w, p in d.power.items()},
-                                             window_s=d.power_window_s,
+                                             window_s=round(d.power_window_s, 3),
                                              blind=sorted(d.blind_spots()))
                           for core, d in twin.detectors.items()})
 

@@ -107,13 +107,16 @@ def load_runs(source: PathLike | Iterable[PathLike], columns: ColumnMap | None =
     return frame
 
 
+RATIO_MIN_ROWS = 100  # fewer rows (a short record of a machine at rest) say nothing of units
+
+
 def warn_if_ratios(frame: pl.DataFrame) -> None:
     """Warn when no utilisation reaches 1 %: most likely 0–1 ratios (a Prometheus
     recording rule's usual unit), which cputwin would read as a machine almost at rest;
     its detector, whose error floor is 1 point, could then never alarm."""
     cores = schema.core_columns_in(frame.columns)
     highest = frame.select(pl.max_horizontal(pl.col([*cores, OVERALL]).max())).item()
-    if frame.height and highest is not None and highest <= 1.0:
+    if frame.height >= RATIO_MIN_ROWS and highest is not None and 0.0 < highest <= 1.0:
         warnings.warn(
             f"no utilisation in these {frame.height} rows goes above {highest:g} %: if they are "
             "0-1 ratios, multiply them by 100 (cputwin reads percent, 0-100)",
