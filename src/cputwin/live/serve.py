@@ -379,9 +379,7 @@ def _report(caught: list[warnings.WarningMessage], metrics: Metrics) -> list[str
     for w in caught:
         text = _one_line(str(w.message))
         if text not in seen and not issubclass(w.category, DeprecationWarning):
-            seen.append(text)
-            metrics.warnings.inc()
-            log.warning("%s", text)
+            seen.append(_report_one(text, metrics))
     return seen[:MAX_WARNINGS]
 
 
@@ -549,7 +547,7 @@ def _stream_update(state, stream_id: str, raw: bytes, wait: bool = True) -> Resp
         entry.lock.release()
     answer = {"stream_id": stream_id, "results": results}
     if noticed:
-        answer["warnings"] = [_report_one(text, state.metrics) for text in noticed]
+        answer["warnings"] = [_report_one(_one_line(text), state.metrics) for text in noticed]
     return Response(json.dumps(answer, allow_nan=False), media_type="application/json")
 
 
@@ -576,8 +574,9 @@ def _restart_after_gaps(entry: Entry, stream_id: str, ts: list[float], stack) ->
 
 
 def _report_one(text: str, metrics: Metrics) -> str:
+    """Log a one-line warning and count it; the text, for the caller's answer."""
     metrics.warnings.inc()
-    log.warning("%s", _one_line(text))
+    log.warning("%s", text)
     return text
 
 
