@@ -118,7 +118,7 @@ class TwinStream:
     def __init__(self, twin: OnlineTwin, host: str = "") -> None:
         self.twin = twin
         self.host = host
-        self.features = [OnlineFeatures(c) for c in twin.compiled]
+        self.restart()
         self.needs_derived = any(f.derived for f in self.features)  # computed once per tick
         self.others = self.features[0].others
         self.target_index = [twin.schema.core_columns.index(t) for t in twin.targets]
@@ -126,7 +126,7 @@ class TwinStream:
         self.watch = [twin.detectors[t].stream() for t in twin.targets] if twin.detectors else None
 
     def restart(self) -> None:
-        """Forget the history (after a gap longer than it: its lags would be of another
+        """A fresh history (also after a gap longer than it: its lags would be of another
         time); the detectors keep their state, so an alarm up before the gap stays up."""
         self.features = [OnlineFeatures(c) for c in self.twin.compiled]
 
